@@ -1,0 +1,112 @@
+# netbpf build: BPF objects (CO-RE), the vendored libbpf when present, the Python package.
+#   make            build everything and install the package (editable) for $(PYTHON)
+#   make deps       install the Debian packages the build and the tests need
+#   make test       run the test suite (root; loads programs into the running kernel)
+#   make evaluate   run the latency experiment and the benchmark driver
+#   make clean      remove build output
+#   V=1             show the commands
+
+PYTHON  ?= python3
+CLANG   ?= clang
+BPFTOOL ?= $(shell command -v bpftool || ls /usr/sbin/bpftool 2>/dev/null)
+CC      ?= cc
+
+BUILD   := build
+PKG_BPF := src/netbpf/bpf
+ARCH    := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/' -e 's/ppc64le/powerpc/' -e 's/riscv64/riscv/' -e 's/s390x/s390/')
+
+DEB_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc iproute2
+
+ifeq ($(V),1)
+Q :=
+msg :=
+else
+Q := @
+msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
+endif
+
+.DELETE_ON_ERROR:
+.PHONY: all deps check-tools test evaluate vmtest clean install
+
+# --- vendored libbpf (git submodule external/libbpf), used when its sources are present ---
+LIBBPF_SRC := external/libbpf/src
+ifneq ($(wildcard $(LIBBPF_SRC)/Makefile),)
+LIBBPF_DEST := $(abspath $(LIBBPF_SRC)/install-dir)
+LIBBPF_SO   := $(firstword $(wildcard $(LIBBPF_DEST)/usr/lib64/libbpf.so.1 $(LIBBPF_DEST)/usr/lib/libbpf.so.1) $(LIBBPF_DEST)/usr/lib64/libbpf.so.1)
+LIBBPF_INC  := -I$(LIBBPF_DEST)/usr/include
+LIBBPF_DEP  := $(BUILD)/libbpf.stamp
+else
+LIBBPF_INC  :=
+LIBBPF_DEP  :=
+endif
+
+BPF_SRCS   := $(wildcard bpf/*.bpf.c)
+BPF_OBJS   := $(patsubst bpf/%.bpf.c,$(PKG_BPF)/%.bpf.o,$(BPF_SRCS))
+TEST_SRCS  := $(wildcard tests/bpf/*.bpf.c)
+TEST_OBJS  := $(patsubst tests/bpf/%.bpf.c,$(BUILD)/tests/%.bpf.o,$(TEST_SRCS))
+EVAL_BINS  := $(patsubst %.c,%,$(wildcard evaluate/*.c))
+
+BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
+              -I$(BUILD) -Ibpf $(LIBBPF_INC)
+
+all: check-tools $(BPF_OBJS) $(TEST_OBJS) $(EVAL_BINS) $(if $(LIBBPF_DEP),$(PKG_BPF)/libbpf.so.1) $(BUILD)/installed.stamp
+
+deps:
+	apt-get install -y $(DEB_PACKAGES)
+
+check-tools:
+	@command -v $(CLANG) >/dev/null || { echo "make: clang not found (Debian: apt-get install clang llvm, or: make deps)" >&2; exit 2; }
+	@[ -n "$(BPFTOOL)" ] || { echo "make: bpftool not found (Debian: apt-get install bpftool, or: make deps)" >&2; exit 2; }
+	@[ -n "$(LIBBPF_DEP)" ] || [ -f /usr/include/bpf/bpf_helpers.h ] || { echo "make: libbpf headers not found (Debian: apt-get install libbpf-dev, or: make deps)" >&2; exit 2; }
+	@[ -r /sys/kernel/btf/vmlinux ] || { echo "make: /sys/kernel/btf/vmlinux missing: the kernel needs CONFIG_DEBUG_INFO_BTF=y" >&2; exit 2; }
+
+# vmlinux.h comes from the running kernel's BTF at build time: CO-RE relocates field offsets at
+# load time anyway, and generating it keeps the repository free of a 3 MB generated header.
+$(BUILD)/vmlinux.h: | $(BUILD)
+	$(call msg,GEN,$@)
+	$(Q)$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@
+
+$(BUILD)/libbpf.stamp: | $(BUILD)
+	$(call msg,LIBBPF,$(LIBBPF_SRC))
+	$(Q)OBJDIR=build DESTDIR=install-dir $(MAKE) -C $(LIBBPF_SRC) install $(if $(filter 1,$(V)),,>/dev/null)
+	$(Q)touch $@
+
+$(PKG_BPF)/%.bpf.o: bpf/%.bpf.c bpf/*.h $(BUILD)/vmlinux.h $(LIBBPF_DEP) | $(PKG_BPF)
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h $(LIBBPF_DEP) | $(BUILD)/tests
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+evaluate/%: evaluate/%.c
+	$(call msg,CC,$@)
+	$(Q)$(CC) -O2 -Wall -Wextra -o $@ $< -lm
+
+# The loader prefers a libbpf.so.1 next to the objects: the vendored one when it was built.
+$(PKG_BPF)/libbpf.so.1: $(LIBBPF_DEP) | $(PKG_BPF)
+	$(call msg,CP,$@)
+	$(Q)cp -L $(LIBBPF_SO) $@
+
+# Editable install for the machine's python, so `python3 -m netbpf.bypass` works anywhere.
+$(BUILD)/installed.stamp: pyproject.toml | $(BUILD)
+	$(call msg,PIP,netbpf (editable) for $(PYTHON))
+	$(Q)PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[test]' $(if $(filter 1,$(V)),,>/dev/null)
+	$(Q)touch $@
+
+$(BUILD) $(BUILD)/tests $(PKG_BPF):
+	$(Q)mkdir -p $@
+
+test: all
+	$(PYTHON) -m pytest
+
+evaluate: all
+	evaluate/test-bypasser.sh
+	$(PYTHON) -m evaluate.bench
+
+vmtest: all
+	tests/vm/run.sh
+
+clean:
+	rm -rf $(BUILD) $(PKG_BPF) $(EVAL_BINS)
+	[ ! -d $(LIBBPF_SRC) ] || rm -rf $(LIBBPF_SRC)/build $(LIBBPF_SRC)/install-dir
