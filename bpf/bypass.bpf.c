@@ -1,0 +1,233 @@
+// SPDX-License-Identifier: GPL-2.0
+/* bypass: local TCP connections skip the TCP/IP stack.
+ *
+ * sockops puts each established socket whose peer is local into sock_map, keyed by its full
+ * tuple. sk_msg, run on every send of a socket in the map, moves the message straight into the
+ * peer socket's receive queue (bpf_msg_redirect_hash with BPF_F_INGRESS) when that is safe, and
+ * otherwise lets it take the normal TCP path. Redirection is safe when:
+ *   - the peer is in the map;
+ *   - the peer has read everything we ever sent the TCP way (our write_seq == its copied_seq):
+ *     the receiver drains redirected data before its TCP queue, so redirecting while TCP data is
+ *     unread would reorder the stream;
+ *   - the peer's receive queue is under its limit: the redirect path has no backpressure of its
+ *     own, so past the limit sends go the TCP way, whose window stops the sender.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "netbpf.h"
+#include "bypass.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} sock_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, struct sock_info);
+} sock_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bypass_config);
+} config_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct host_addr);
+	__type(value, __u8);
+} host_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} allowed_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bypass_counters);
+} counters SEC(".maps");
+
+static __always_inline struct bypass_counters *counters_here(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+/* IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4, so that a v6 socket talking to a v4 one
+ * builds the same key its peer does. */
+static __always_inline void normalize(struct sock_key *key)
+{
+	if (key->family == AF_INET6 && key->local_ip[0] == 0 && key->local_ip[1] == 0 &&
+	    key->local_ip[2] == bpf_htonl(0xffff)) {
+		key->family = AF_INET;
+		key->local_ip[0] = key->local_ip[3];
+		key->remote_ip[0] = key->remote_ip[3];
+		key->local_ip[1] = key->local_ip[2] = key->local_ip[3] = 0;
+		key->remote_ip[1] = key->remote_ip[2] = key->remote_ip[3] = 0;
+	}
+}
+
+/* bpf_sock_ops and sk_msg_md name these fields alike; remote_port is network order in the
+ * upper half, local_port host order. `near`/`far` pick which end the key is seen from. */
+#define FILL_KEY(key, ctx, near, far)                                         \
+	do {                                                                  \
+		(key)->family = (ctx)->family;                                \
+		if ((ctx)->family == AF_INET) {                               \
+			(key)->near##_ip[0] = (ctx)->local_ip4;               \
+			(key)->far##_ip[0] = (ctx)->remote_ip4;               \
+		} else {                                                      \
+			(key)->near##_ip[0] = (ctx)->local_ip6[0];            \
+			(key)->near##_ip[1] = (ctx)->local_ip6[1];            \
+			(key)->near##_ip[2] = (ctx)->local_ip6[2];            \
+			(key)->near##_ip[3] = (ctx)->local_ip6[3];            \
+			(key)->far##_ip[0] = (ctx)->remote_ip6[0];            \
+			(key)->far##_ip[1] = (ctx)->remote_ip6[1];            \
+			(key)->far##_ip[2] = (ctx)->remote_ip6[2];            \
+			(key)->far##_ip[3] = (ctx)->remote_ip6[3];            \
+		}                                                             \
+		(key)->near##_port = (ctx)->local_port;                       \
+		(key)->far##_port = bpf_ntohl((ctx)->remote_port);            \
+		normalize(key);                                               \
+	} while (0)
+
+static __always_inline int is_loopback(const struct sock_key *key)
+{
+	if (key->family == AF_INET)
+		return (bpf_ntohl(key->remote_ip[0]) >> 24) == 127;
+	return key->remote_ip[0] == 0 && key->remote_ip[1] == 0 && key->remote_ip[2] == 0 &&
+	       key->remote_ip[3] == bpf_htonl(1);
+}
+
+static __always_inline int in_scope(const struct bypass_config *cfg, const struct sock_key *key)
+{
+	struct host_addr addr = { .family = key->family };
+
+	if (cfg->scope == SCOPE_ALL || is_loopback(key))
+		return 1;
+	if (cfg->scope != SCOPE_HOST)
+		return 0;
+	__builtin_memcpy(addr.ip, key->remote_ip, sizeof(addr.ip));
+	return bpf_map_lookup_elem(&host_addrs, &addr) != NULL;
+}
+
+static __always_inline int port_allowed(const struct bypass_config *cfg, const struct sock_key *key)
+{
+	__u16 local = key->local_port, remote = key->remote_port;
+
+	return !cfg->ports_only || bpf_map_lookup_elem(&allowed_ports, &local) ||
+	       bpf_map_lookup_elem(&allowed_ports, &remote);
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops)
+{
+	struct bypass_counters *cnt = counters_here();
+	struct bypass_config *cfg;
+	struct sock_key key = {};
+	struct sock_info info;
+	__u32 zero = 0;
+
+	if (skops->family != AF_INET && skops->family != AF_INET6)
+		return;
+	cfg = bpf_map_lookup_elem(&config_map, &zero);
+	if (!cfg || !cnt)
+		return;
+	FILL_KEY(&key, skops, local, remote);
+	if (!in_scope(cfg, &key) || !port_allowed(cfg, &key))
+		return;
+	if (!skops->sk)
+		return;
+	info.sk = (__u64)skops->sk;
+	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_ANY) ||
+	    bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
+		bpf_map_delete_elem(&sock_info, &key);
+		cnt->insert_failed++;
+		return;
+	}
+	cnt->sockets_inserted++;
+	/* to hear of TCP_CLOSE and drop sock_info: the sockhash forgets closed sockets by itself */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+SEC("sockops")
+int bypass_sockops(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == TCP_CLOSE) {
+			FILL_KEY(&key, skops, local, remote);
+			bpf_map_delete_elem(&sock_info, &key);
+		}
+		break;
+	}
+	return 1;
+}
+
+static __always_inline int pass(struct bypass_counters *cnt, __u64 *reason, __u32 size)
+{
+	(*reason)++;
+	cnt->passed_msgs++;
+	cnt->passed_bytes += size;
+	return SK_PASS;
+}
+
+SEC("sk_msg")
+int bypass_sk_msg(struct sk_msg_md *msg)
+{
+	struct bypass_counters *cnt = counters_here();
+	struct sock_key peer_key = {};
+	struct bypass_config *cfg;
+	struct sock_info *peer;
+	struct tcp_sock *self;
+	struct sock *psk;
+	__u32 zero = 0, size = msg->size;
+	int rmem, limit;
+
+	if (!cnt)
+		return SK_PASS;
+	cfg = bpf_map_lookup_elem(&config_map, &zero);
+	FILL_KEY(&peer_key, msg, remote, local);
+	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
+	if (!peer || !cfg || !msg->sk)
+		return pass(cnt, &cnt->passed_no_peer, size);
+
+	self = bpf_skc_to_tcp_sock(msg->sk);
+	psk = (struct sock *)peer->sk;
+	if (!self || self->write_seq != BPF_CORE_READ((struct tcp_sock *)psk, copied_seq))
+		return pass(cnt, &cnt->passed_unread_plain, size);
+
+	rmem = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
+	limit = NETBPF_MAX(BPF_CORE_READ(psk, sk_rcvbuf), (int)cfg->queue_floor);
+	if (rmem + (int)size > limit)
+		return pass(cnt, &cnt->passed_peer_full, size);
+
+	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
+	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_key, BPF_F_INGRESS) != SK_PASS)
+		return pass(cnt, &cnt->redirect_failed, size);
+	cnt->redirected_msgs++;
+	cnt->redirected_bytes += size;
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";

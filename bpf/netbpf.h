@@ -1,0 +1,12 @@
+/* Definitions shared by every netbpf BPF program. */
+#ifndef NETBPF_H
+#define NETBPF_H
+
+#define AF_INET 2
+#define AF_INET6 10
+
+#define TCP_CLOSE 7
+
+#define NETBPF_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif
