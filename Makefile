@@ -15,7 +15,9 @@ BUILD   := build
 PKG_BPF := src/netbpf/bpf
 ARCH    := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/' -e 's/ppc64le/powerpc/' -e 's/riscv64/riscv/' -e 's/s390x/s390/')
 
-DEB_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc iproute2
+# build, then what the tests and the experiments drive (redis, perf)
+DEB_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc iproute2 \
+                python3-pip redis-server redis-tools
 
 ifeq ($(V),1)
 Q :=
@@ -52,7 +54,8 @@ BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
 all: check-tools $(BPF_OBJS) $(TEST_OBJS) $(EVAL_BINS) $(if $(LIBBPF_DEP),$(PKG_BPF)/libbpf.so.1) $(BUILD)/installed.stamp
 
 deps:
-	apt-get install -y $(DEB_PACKAGES)
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEB_PACKAGES)
 
 check-tools:
 	@command -v $(CLANG) >/dev/null || { echo "make: clang not found (Debian: apt-get install clang llvm, or: make deps)" >&2; exit 2; }
@@ -98,7 +101,7 @@ $(BUILD) $(BUILD)/tests $(PKG_BPF):
 	$(Q)mkdir -p $@
 
 test: all
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 evaluate: all
 	evaluate/test-bypasser.sh

@@ -48,10 +48,11 @@ struct {
 	__type(value, __u8);
 } host_addrs SEC(".maps");
 
+/* allowed_ports[port] != 0: the --ports allowlist, one byte per port */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
 } allowed_ports SEC(".maps");
 
@@ -126,12 +127,16 @@ static __always_inline int in_scope(const struct bypass_config *cfg, const struc
 	return bpf_map_lookup_elem(&host_addrs, &addr) != NULL;
 }
 
+static __always_inline int port_listed(__u32 port)
+{
+	__u8 *listed = bpf_map_lookup_elem(&allowed_ports, &port);
+
+	return listed && *listed;
+}
+
 static __always_inline int port_allowed(const struct bypass_config *cfg, const struct sock_key *key)
 {
-	__u16 local = key->local_port, remote = key->remote_port;
-
-	return !cfg->ports_only || bpf_map_lookup_elem(&allowed_ports, &local) ||
-	       bpf_map_lookup_elem(&allowed_ports, &remote);
+	return !cfg->ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
 }
 
 static __always_inline void on_established(struct bpf_sock_ops *skops)

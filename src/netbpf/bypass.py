@@ -21,7 +21,7 @@ from .loader import Link, Map, Object, open_pinned_link
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
-DEFAULT_QUEUE_FLOOR = 256 * 1024
+DEFAULT_QUEUE_FLOOR = 1 << 20
 LINKS = ("sk_msg", "sockops")  # attach in this order: a socket gets the sk_msg program of its map
 MAPS = ("sock_map", "sock_info", "counters", "config_map", "host_addrs", "allowed_ports")
 BPF_CGROUP_SOCK_OPS = 3
@@ -178,7 +178,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
     try:
         refresh_host_addrs(maps["host_addrs"])
         config = maps["config_map"][0]
-        ports = sorted(maps["allowed_ports"])
+        ports = sorted(port for port, listed in maps["allowed_ports"].items() if listed)
         sk_msg = open_pinned_link(pin_dir / "sk_msg")
         mechanism = sk_msg.kind
         sk_msg.close()
@@ -223,7 +223,7 @@ def build_parser():
                         help="capacity of the socket map (default 65536)")
     parser.add_argument("--queue-floor", type=int, default=DEFAULT_QUEUE_FLOOR, metavar="BYTES",
                         help="bytes a receiver may have queued before sends fall back to TCP, at least "
-                             "(the receiver's SO_RCVBUF when larger; default 262144)")
+                             "(the receiver's SO_RCVBUF when larger; default 1048576)")
     return parser
 
 

@@ -452,8 +452,8 @@ class Map(MutableMapping):
         """A pinned map; `like` (a Map from the same object file) lends its BTF codecs."""
         fd = _bpf_obj_get(path)
         info = _obj_info(fd, "bpf_map_info")
-        key = like.key_codec if like else _btf.plain_codec(info.key_size)
-        value = like.value_codec if like else _btf.plain_codec(info.value_size)
+        key = like.key_codec if like is not None else _btf.plain_codec(info.key_size)
+        value = like.value_codec if like is not None else _btf.plain_codec(info.value_size)
         self = cls(ffi.string(info.name).decode(), lambda: fd, info.type, key, value, info.max_entries)
         self._owned_fd = fd
         return self

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import cgroup
-from .errors import NetbpfError, UsageError
+from .errors import NetbpfError, ObjectFileError, UsageError
 from .loader import Link, Map, open_pinned_link
 
 
@@ -160,10 +160,11 @@ def print_json(data):
 
 
 def main(prog, run):
-    """Run a tool's CLI: UsageError -> one line + exit 2; other netbpf errors -> one line + exit 1."""
+    """Run a tool's CLI: bad input (UsageError, unbuilt objects) -> one line + exit 2;
+    other netbpf errors (the kernel refused something) -> one line + exit 1."""
     try:
         return run() or 0
-    except UsageError as exc:
+    except (UsageError, ObjectFileError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except NetbpfError as exc:

@@ -1,0 +1,322 @@
+/* pingpong: request/response latency and one-way throughput between two local processes.
+ *
+ *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream] [-n REQUESTS] [-s SIZE] [-c CONNECTIONS]
+ *            [-p same|cross|any] [-w WARMUP] [-d SECONDS]
+ *
+ * The server runs in a forked child (one process per connection), so both ends live in the
+ * caller's cgroup. TCP sockets set TCP_NODELAY; every read and write loops over short transfers.
+ * rtt: each request of SIZE bytes is echoed back whole; per-request CLOCK_MONOTONIC timestamps give
+ * mean and percentiles. stream: the client sends SIZE-byte writes for SECONDS, the server reads
+ * and counts. Prints one JSON object on stdout.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stddef.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+struct options {
+	const char *transport; /* tcp, tcp6, unix */
+	const char *mode;      /* rtt, stream */
+	const char *placement; /* same, cross, any */
+	long requests, warmup, size;
+	int connections;
+	double seconds;
+};
+
+static void die(const char *what)
+{
+	fprintf(stderr, "pingpong: %s: %s\n", what, strerror(errno));
+	exit(1);
+}
+
+static double now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+static void pin(int cpu)
+{
+	cpu_set_t set;
+
+	if (cpu < 0)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpu % sysconf(_SC_NPROCESSORS_ONLN), &set);
+	if (sched_setaffinity(0, sizeof(set), &set))
+		die("sched_setaffinity");
+}
+
+/* CPU for the server (role 0) or client (role 1) of connection `conn`. */
+static int cpu_for(const struct options *o, int role, int conn)
+{
+	if (!strcmp(o->placement, "same"))
+		return conn;
+	if (!strcmp(o->placement, "cross"))
+		return 2 * conn + role;
+	return -1;
+}
+
+static int write_all(int fd, const char *buf, long len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, buf, len);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		buf += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* 1: got len bytes; 0: EOF before any byte; -1: error or EOF midway. */
+static int read_all(int fd, char *buf, long len)
+{
+	long got = 0;
+
+	while (got < len) {
+		ssize_t n = read(fd, buf + got, len - got);
+
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -1;
+		}
+		if (n == 0)
+			return got ? -1 : 0;
+		got += n;
+	}
+	return 1;
+}
+
+struct endpoint {
+	int family;
+	socklen_t len;
+	union {
+		struct sockaddr_in in;
+		struct sockaddr_in6 in6;
+		struct sockaddr_un un;
+	} addr;
+};
+
+static int listen_on(const struct options *o, struct endpoint *ep)
+{
+	int fd, one = 1;
+
+	memset(ep, 0, sizeof(*ep));
+	if (!strcmp(o->transport, "unix")) {
+		ep->family = AF_UNIX;
+		ep->addr.un.sun_family = AF_UNIX;
+		/* abstract name: nothing to clean up */
+		snprintf(ep->addr.un.sun_path + 1, sizeof(ep->addr.un.sun_path) - 1, "pingpong-%d", getpid());
+		ep->len = offsetof(struct sockaddr_un, sun_path) + 1 + strlen(ep->addr.un.sun_path + 1);
+	} else if (!strcmp(o->transport, "tcp6")) {
+		ep->family = AF_INET6;
+		ep->addr.in6.sin6_family = AF_INET6;
+		ep->addr.in6.sin6_addr = in6addr_loopback;
+		ep->len = sizeof(ep->addr.in6);
+	} else {
+		ep->family = AF_INET;
+		ep->addr.in.sin_family = AF_INET;
+		ep->addr.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		ep->len = sizeof(ep->addr.in);
+	}
+	fd = socket(ep->family, SOCK_STREAM, 0);
+	if (fd < 0)
+		die("socket");
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&ep->addr, ep->len) || listen(fd, 1024))
+		die("bind/listen");
+	if (ep->family != AF_UNIX && getsockname(fd, (struct sockaddr *)&ep->addr, &ep->len))
+		die("getsockname");
+	return fd;
+}
+
+static void nodelay(int fd, int family)
+{
+	int one = 1;
+
+	if (family != AF_UNIX && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)))
+		die("TCP_NODELAY");
+}
+
+static void serve(const struct options *o, int fd, int family)
+{
+	char *buf = malloc(o->size > 65536 ? o->size : 65536);
+
+	nodelay(fd, family);
+	if (!strcmp(o->mode, "stream")) {
+		while (read(fd, buf, 65536) > 0)
+			;
+	} else {
+		while (read_all(fd, buf, o->size) == 1)
+			if (write_all(fd, buf, o->size))
+				break;
+	}
+	exit(0);
+}
+
+static int compare(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+static double percentile(const double *sorted, long n, double p)
+{
+	long i = (long)ceil(p / 100.0 * n) - 1;
+
+	return sorted[i < 0 ? 0 : (i >= n ? n - 1 : i)];
+}
+
+/* One client connection: rtt fills lat[0..count), stream stores bytes sent in *bytes. */
+static void client(const struct options *o, const struct endpoint *ep, int conn, long count, double *lat,
+		   double *bytes)
+{
+	char *buf = malloc(o->size), *back = malloc(o->size);
+	int fd = socket(ep->family, SOCK_STREAM, 0);
+
+	if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
+		die("connect");
+	nodelay(fd, ep->family);
+	pin(cpu_for(o, 1, conn));
+	for (long i = 0; i < o->size; i++)
+		buf[i] = (char)(i * 131 + conn);
+	if (!strcmp(o->mode, "stream")) {
+		double end = now_us() + o->seconds * 1e6, sent = 0;
+
+		while (now_us() < end) {
+			if (write_all(fd, buf, o->size))
+				die("write");
+			sent += o->size;
+		}
+		*bytes = sent;
+	} else {
+		for (long i = -o->warmup; i < count; i++) {
+			double t0 = now_us();
+
+			if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
+				die("echo");
+			if (i >= 0)
+				lat[i] = now_us() - t0;
+		}
+		if (memcmp(buf, back, o->size)) {
+			fprintf(stderr, "pingpong: echo differs from request\n");
+			exit(1);
+		}
+	}
+	close(fd);
+	exit(0);
+}
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream] [-n N] [-s SIZE] [-c CONNS] "
+			"[-p same|cross|any] [-w WARMUP] [-d SECONDS]\n");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 1, 3.0 };
+	struct endpoint ep;
+	int opt, lfd, status, failed = 0;
+
+	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:d:")) != -1) {
+		switch (opt) {
+		case 't': o.transport = optarg; break;
+		case 'm': o.mode = optarg; break;
+		case 'n': o.requests = atol(optarg); break;
+		case 's': o.size = atol(optarg); break;
+		case 'c': o.connections = atoi(optarg); break;
+		case 'p': o.placement = optarg; break;
+		case 'w': o.warmup = atol(optarg); break;
+		case 'd': o.seconds = atof(optarg); break;
+		default: usage();
+		}
+	}
+	if (o.requests < 1 || o.size < 1 || o.connections < 1 || o.connections > 1024 || o.seconds <= 0 ||
+	    (strcmp(o.transport, "tcp") && strcmp(o.transport, "tcp6") && strcmp(o.transport, "unix")) ||
+	    (strcmp(o.mode, "rtt") && strcmp(o.mode, "stream")) ||
+	    (strcmp(o.placement, "same") && strcmp(o.placement, "cross") && strcmp(o.placement, "any")))
+		usage();
+	if (o.warmup < 0)
+		o.warmup = o.requests / 20 < 2000 ? o.requests / 20 : 2000;
+
+	long per_conn = (o.requests + o.connections - 1) / o.connections;
+	long total = per_conn * o.connections;
+	double *lat = mmap(NULL, total * sizeof(double) + o.connections * sizeof(double), PROT_READ | PROT_WRITE,
+			   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	double *bytes = lat + total;
+
+	if (lat == MAP_FAILED)
+		die("mmap");
+	lfd = listen_on(&o, &ep);
+	for (int c = 0; c < o.connections; c++) {
+		if (fork() == 0) { /* server for one connection */
+			int fd = accept(lfd, NULL, NULL);
+
+			if (fd < 0)
+				die("accept");
+			close(lfd);
+			pin(cpu_for(&o, 0, c));
+			serve(&o, fd, ep.family);
+		}
+	}
+	double start = now_us();
+	for (int c = 0; c < o.connections; c++)
+		if (fork() == 0)
+			client(&o, &ep, c, per_conn, lat + c * per_conn, bytes + c);
+	close(lfd);
+	while (wait(&status) > 0)
+		failed |= !WIFEXITED(status) || WEXITSTATUS(status);
+	double elapsed = (now_us() - start) / 1e6;
+	if (failed) {
+		fprintf(stderr, "pingpong: a client or server failed\n");
+		return 1;
+	}
+
+	printf("{\"transport\": \"%s\", \"mode\": \"%s\", \"size\": %ld, \"connections\": %d, "
+	       "\"placement\": \"%s\", ", o.transport, o.mode, o.size, o.connections, o.placement);
+	if (!strcmp(o.mode, "stream")) {
+		double sent = 0;
+
+		for (int c = 0; c < o.connections; c++)
+			sent += bytes[c];
+		printf("\"seconds\": %.3f, \"bytes\": %.0f, \"mbytes_per_s\": %.2f}\n", o.seconds, sent,
+		       sent / o.seconds / 1e6);
+	} else {
+		double sum = 0;
+
+		for (long i = 0; i < total; i++)
+			sum += lat[i];
+		qsort(lat, total, sizeof(double), compare);
+		printf("\"requests\": %ld, \"mean_us\": %.3f, \"p50_us\": %.3f, \"p90_us\": %.3f, "
+		       "\"p99_us\": %.3f, \"p999_us\": %.3f, \"max_us\": %.3f, \"requests_per_s\": %.0f}\n",
+		       total, sum / total, percentile(lat, total, 50), percentile(lat, total, 90),
+		       percentile(lat, total, 99), percentile(lat, total, 99.9), lat[total - 1], total / elapsed);
+	}
+	return 0;
+}

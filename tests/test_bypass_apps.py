@@ -1,0 +1,118 @@
+"""Real servers and clients through the bypass, unchanged: redis with redis-benchmark, and asyncio."""
+
+import asyncio
+import csv
+import io
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from netbpf.bypass import Bypass
+
+from conftest import run_in
+
+
+@pytest.fixture
+def bypass(cg):
+    with Bypass(str(cg.path)) as attached:
+        yield attached
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(program):
+    path = shutil.which(program)
+    if not path:
+        pytest.fail(f"{program} is not installed (Debian: apt-get install redis-server redis-tools; "
+                    f".ci/run installs it)")
+    return path
+
+
+@pytest.fixture
+def redis_server(cg):
+    need("redis-server")
+    port = free_port()
+    proc = cg.popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--protected-mode", "no"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_redis_benchmark_runs_through_the_bypass_with_no_errors(bypass, cg, redis_server):
+    need("redis-benchmark")
+    bench = cg.popen(["redis-benchmark", "-h", "127.0.0.1", "-p", str(redis_server), "-n", "20000",
+                      "-c", "20", "-d", "512", "-t", "set,get", "--csv"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = bench.communicate(timeout=120)
+    assert bench.returncode == 0, err
+    rows = {row[0]: float(row[1]) for row in csv.reader(io.StringIO(out)) if row and row[0] in ("SET", "GET")}
+    assert set(rows) == {"SET", "GET"} and all(rps > 0 for rps in rows.values())
+    stats = bypass.stats()
+    assert stats["sockets_inserted"] >= 40  # 20 connections, both ends
+    assert stats["redirected_msgs"] >= 40000  # every request and every reply
+
+    def check_values():
+        """A value written and read back through redis-cli: byte for byte."""
+        value = "".join(random.Random(7).choice("abcdefghij") for _ in range(100000))
+        subprocess.run(["redis-cli", "-p", str(redis_server), "SET", "netbpf", value], check=True,
+                       capture_output=True)
+        return subprocess.run(["redis-cli", "-p", str(redis_server), "GET", "netbpf"], check=True,
+                              capture_output=True, text=True).stdout.strip() == value
+
+    assert run_in(cg, check_values)
+
+
+def asyncio_echo(clients, messages):
+    async def handle(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def client(port, seed):
+        rng = random.Random(seed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(messages):
+            payload = bytes([seed % 256]) * rng.randint(1, 20000)
+            writer.write(payload)
+            await writer.drain()
+            if await reader.readexactly(len(payload)) != payload:
+                return False
+        writer.write_eof()
+        ok = await reader.read() == b""
+        writer.close()
+        return ok
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        results = await asyncio.gather(*(client(port, s) for s in range(clients)))
+        server.close()
+        await server.wait_closed()
+        return sum(results)
+
+    return asyncio.run(main())
+
+
+def test_asyncio_server_and_clients_run_through_the_bypass(bypass, cg):
+    assert run_in(cg, asyncio_echo, 50, 100) == 50
+    stats = bypass.stats()
+    assert stats["sockets_inserted"] == 100
+    assert stats["redirected_msgs"] >= 2 * 50 * 100 * 0.9

@@ -1,0 +1,144 @@
+"""python -m netbpf.bypass as a user types it: run, attach, status, detach, and every bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from netbpf import bypass, tool
+
+from clitools import attached_programs, run_as_nobody, run_cli
+from conftest import run_in
+from netutil import close_all, pair, recv_exactly
+
+
+def exchange():
+    srv, cli, conn = pair()
+    time.sleep(0.05)
+    cli.sendall(b"through the bypass")
+    got = recv_exactly(conn, 18)
+    close_all(srv, cli, conn)
+    return got
+
+
+def test_help_names_the_commands():
+    result = run_cli("bypass", "--help")
+    assert result.returncode == 0
+    for word in ("run", "attach", "status", "detach", "--cgroup", "--scope", "--ports", "--pin-dir"):
+        assert word in result.stdout
+
+
+def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
+    pins = pin_dir / "bypass"
+    result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins, "--ports", "1-65535")
+    assert result.returncode == 0, result.stderr
+    assert "sock_ops" in attached_programs(cg.path)
+    assert run_in(cg, exchange) == b"through the bypass"
+
+    status = run_cli("bypass", "status", "--json", "--pin-dir", pins)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["attached"] is True and info["cgroup"] == str(cg.path)
+    assert info["redirected_msgs"] >= 1 and info["redirected_bytes"] >= 18
+    assert info["sockets"] == 0 and info["passed_msgs"] == 0
+    assert info["ports"] == list(range(1, 65536)) and info["sk_msg_attach"] in ("bpf_link", "prog_attach")
+    text = run_cli("bypass", "status", "--pin-dir", pins)
+    assert f"attached to {cg.path}" in text.stdout
+
+    again = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins)
+    assert again.returncode == 2 and "already attached" in again.stderr
+    elsewhere = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pin_dir / "other")
+    assert elsewhere.returncode == 2 and "already attached" in elsewhere.stderr
+    assert not (pin_dir / "other").exists()
+
+    result = run_cli("bypass", "detach", "--pin-dir", pins)
+    assert result.returncode == 0, result.stderr
+    assert attached_programs(cg.path) == {}
+    assert not pins.exists()
+    bpftool = subprocess.run(["bpftool", "cgroup", "show", str(cg.path)], capture_output=True, text=True)
+    assert "bypass" not in bpftool.stdout
+    status = json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)
+    assert status["attached"] is False
+    assert run_cli("bypass", "detach", "--pin-dir", pins).returncode == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_shows_live_counters_and_detaches_on_signal(cg, sig):
+    proc = subprocess.Popen([sys.executable, "-m", "netbpf.bypass", "--cgroup", str(cg.path),
+                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "attached to" in proc.stdout.readline()
+        assert run_in(cg, exchange) == b"through the bypass"
+        line = ""
+        deadline = time.monotonic() + 10
+        while "total 1 redirected" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "total 1 redirected" in line
+        assert "sock_ops" in attached_programs(cg.path)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "detached" in out
+    assert attached_programs(cg.path) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ports", "0"], "out of range"),
+    (["--ports", "70000"], "out of range"),
+    (["--ports", "10-5"], "runs backwards"),
+    (["--ports", "http"], "not a number"),
+    (["--ports", "80,,81"], "empty port"),
+    (["--scope", "galaxy"], "invalid choice"),
+    (["--cgroup", "/nonexistent/cgroup"], "not a cgroup v2 directory"),
+    (["--cgroup", "/tmp"], "not a cgroup v2 directory"),
+    (["--pin-dir", "/tmp/netbpf-not-bpffs"], "not on a bpffs mount"),
+    (["--max-sockets", "1"], "out of range"),
+    (["frobnicate"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(cg, pin_dir, args, message):
+    if "--cgroup" not in args:
+        args = args + ["--cgroup", str(cg.path)]
+    if "--pin-dir" not in args:
+        args = args + ["--pin-dir", str(pin_dir / "bypass")]
+    result = run_cli("bypass", "attach", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+    assert attached_programs(cg.path) == {}
+    assert not (pin_dir / "bypass").exists()
+    assert not os.path.exists("/tmp/netbpf-not-bpffs")
+
+
+def test_unbuilt_objects_are_bad_input(cg, pin_dir, tmp_path):
+    env = dict(os.environ, NETBPF_OBJECT_DIR=str(tmp_path))
+    result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pin_dir / "b", env=env)
+    assert result.returncode == 2 and "run `make`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert attached_programs(cg.path) == {} and not (pin_dir / "b").exists()
+
+
+def test_non_root_is_bad_input(cg, pin_dir):
+    code, stderr = run_as_nobody(lambda: tool.main(
+        "netbpf.bypass", lambda: bypass.cli(["attach", "--cgroup", str(cg.path), "--pin-dir", str(pin_dir / "b")])))
+    assert code == 2 and "must run as root" in stderr
+    assert attached_programs(cg.path) == {}
+
+
+def test_no_cgroup_v2_is_bad_input(monkeypatch, capsys):
+    from netbpf import cgroup
+
+    real = cgroup._mounts
+    monkeypatch.setattr(cgroup, "_mounts", lambda fstype: [] if fstype == "cgroup2" else real(fstype))
+    assert tool.main("netbpf.bypass", lambda: bypass.cli(["attach"])) == 2
+    err = capsys.readouterr().err
+    assert "no cgroup v2 file system is mounted" in err and len(err.strip().splitlines()) == 1
