@@ -2,7 +2,7 @@
 /* bypass: local TCP connections skip the TCP/IP stack.
  *
  * sockops puts each established socket whose peer is local into sock_map, keyed by its full
- * tuple. sk_msg, run on every send of a socket in the map, moves the message straight into the
+ * tuple, when both ends of the connection join (enum sock_join in bypass.h says how). sk_msg, run on every send of a socket in the map, moves the message straight into the
  * peer socket's receive queue (bpf_msg_redirect_hash with BPF_F_INGRESS) when that is safe, and
  * otherwise lets it take the normal TCP path. Redirection is safe when:
  *   - the peer is in the map;
@@ -33,6 +33,13 @@ struct {
 	__type(key, struct sock_key);
 	__type(value, struct sock_info);
 } sock_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct listener_key);
+	__type(value, __u64); /* how many sockets listen there (SO_REUSEPORT) */
+} listeners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -85,27 +92,47 @@ static __always_inline void normalize(struct sock_key *key)
 }
 
 /* bpf_sock_ops and sk_msg_md name these fields alike; remote_port is network order in the
- * upper half, local_port host order. `near`/`far` pick which end the key is seen from. */
-#define FILL_KEY(key, ctx, near, far)                                         \
-	do {                                                                  \
-		(key)->family = (ctx)->family;                                \
-		if ((ctx)->family == AF_INET) {                               \
-			(key)->near##_ip[0] = (ctx)->local_ip4;               \
-			(key)->far##_ip[0] = (ctx)->remote_ip4;               \
-		} else {                                                      \
-			(key)->near##_ip[0] = (ctx)->local_ip6[0];            \
-			(key)->near##_ip[1] = (ctx)->local_ip6[1];            \
-			(key)->near##_ip[2] = (ctx)->local_ip6[2];            \
-			(key)->near##_ip[3] = (ctx)->local_ip6[3];            \
-			(key)->far##_ip[0] = (ctx)->remote_ip6[0];            \
-			(key)->far##_ip[1] = (ctx)->remote_ip6[1];            \
-			(key)->far##_ip[2] = (ctx)->remote_ip6[2];            \
-			(key)->far##_ip[3] = (ctx)->remote_ip6[3];            \
-		}                                                             \
-		(key)->near##_port = (ctx)->local_port;                       \
-		(key)->far##_port = bpf_ntohl((ctx)->remote_port);            \
-		normalize(key);                                               \
+ * upper half, local_port host order. Every field is loaded before any is chosen (the barrier):
+ * the verifier only accepts context loads at constant offsets, and clang would otherwise turn
+ * "v4 ? ip4 : ip6[0]" into one load from a computed address. */
+#define FILL_KEY(key, ctx)                                                          \
+	do {                                                                        \
+		__u32 family_ = (ctx)->family, l4_ = (ctx)->local_ip4;              \
+		__u32 r4_ = (ctx)->remote_ip4;                                      \
+		__u32 l6_[4] = { (ctx)->local_ip6[0], (ctx)->local_ip6[1],          \
+				 (ctx)->local_ip6[2], (ctx)->local_ip6[3] };        \
+		__u32 r6_[4] = { (ctx)->remote_ip6[0], (ctx)->remote_ip6[1],        \
+				 (ctx)->remote_ip6[2], (ctx)->remote_ip6[3] };      \
+		__u32 lport_ = (ctx)->local_port, rport_ = (ctx)->remote_port;      \
+		asm volatile("" ::: "memory");                                      \
+		(key)->family = family_;                                            \
+		if (family_ == AF_INET) {                                           \
+			(key)->local_ip[0] = l4_;                                   \
+			(key)->remote_ip[0] = r4_;                                  \
+		} else {                                                            \
+			__builtin_memcpy((key)->local_ip, l6_, sizeof(l6_));       \
+			__builtin_memcpy((key)->remote_ip, r6_, sizeof(r6_));      \
+		}                                                                   \
+		(key)->local_port = lport_;                                         \
+		(key)->remote_port = bpf_ntohl(rport_);                             \
+		normalize(key);                                                     \
 	} while (0)
+
+/* Not inlined: one copy of the context reads, which the verifier wants at fixed offsets. */
+static __noinline void key_of_sockops(struct bpf_sock_ops *skops, struct sock_key *key)
+{
+	FILL_KEY(key, skops);
+}
+
+/* The key of the other end of the connection: the same tuple seen from there. */
+static __always_inline void peer_of(const struct sock_key *key, struct sock_key *peer)
+{
+	peer->family = key->family;
+	__builtin_memcpy(peer->local_ip, key->remote_ip, sizeof(peer->local_ip));
+	__builtin_memcpy(peer->remote_ip, key->local_ip, sizeof(peer->remote_ip));
+	peer->local_port = key->remote_port;
+	peer->remote_port = key->local_port;
+}
 
 static __always_inline int is_loopback(const struct sock_key *key)
 {
@@ -139,34 +166,122 @@ static __always_inline int port_allowed(const struct bypass_config *cfg, const s
 	return !cfg->ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
 }
 
-static __always_inline void on_established(struct bpf_sock_ops *skops)
+static __always_inline void listener_of(struct listener_key *lk, const struct sock_key *key, int remote)
+{
+	lk->family = key->family;
+	__builtin_memcpy(lk->ip, remote ? key->remote_ip : key->local_ip, sizeof(lk->ip));
+	lk->port = remote ? key->remote_port : key->local_port;
+}
+
+static __always_inline void on_listen(struct bpf_sock_ops *skops)
+{
+	struct listener_key lk = {};
+	struct sock_key key = {};
+	__u64 one = 1, *count;
+
+	key_of_sockops(skops, &key);
+	listener_of(&lk, &key, 0);
+	count = bpf_map_lookup_elem(&listeners, &lk);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		bpf_map_update_elem(&listeners, &lk, &one, BPF_NOEXIST);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void on_listener_closed(struct bpf_sock_ops *skops)
+{
+	struct listener_key lk = {};
+	struct sock_key key = {};
+	__u64 *count;
+
+	key_of_sockops(skops, &key);
+	listener_of(&lk, &key, 0);
+	count = bpf_map_lookup_elem(&listeners, &lk);
+	if (count && __sync_fetch_and_add(count, -1) <= 1)
+		bpf_map_delete_elem(&listeners, &lk);
+}
+
+/* Is the server this client connected to a listener of the cgroup? Exact address, the family's
+ * wildcard, or (IPv4 client) a dual-stack "::" listener. */
+static __always_inline int server_will_join(const struct sock_key *key)
+{
+	struct listener_key lk = {};
+
+	listener_of(&lk, key, 1);
+	if (bpf_map_lookup_elem(&listeners, &lk))
+		return 1;
+	__builtin_memset(lk.ip, 0, sizeof(lk.ip));
+	if (bpf_map_lookup_elem(&listeners, &lk))
+		return 1;
+	lk.family = AF_INET6;
+	return key->family == AF_INET && bpf_map_lookup_elem(&listeners, &lk);
+}
+
+/* Insert this end into the map; a server end only when its client is there to confirm. */
+static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
 {
 	struct bypass_counters *cnt = counters_here();
+	struct sock_key key = {}, peer_key = {};
+	struct sock_info info = {}, *client;
 	struct bypass_config *cfg;
-	struct sock_key key = {};
-	struct sock_info info;
-	__u32 zero = 0;
+	__u32 zero = 0, flags = BPF_SOCK_OPS_STATE_CB_FLAG;
 
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return;
 	cfg = bpf_map_lookup_elem(&config_map, &zero);
-	if (!cfg || !cnt)
+	if (!cfg || !cnt || !skops->sk)
 		return;
-	FILL_KEY(&key, skops, local, remote);
+	key_of_sockops(skops, &key);
 	if (!in_scope(cfg, &key) || !port_allowed(cfg, &key))
 		return;
-	if (!skops->sk)
-		return;
+
+	if (active) {
+		if (!server_will_join(&key)) {
+			cnt->peer_not_bypassed++;
+			return;
+		}
+		info.join = JOIN_PENDING;
+		flags |= BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG; /* to hear of the first packet */
+	} else {
+		peer_of(&key, &peer_key);
+		client = bpf_map_lookup_elem(&sock_info, &peer_key);
+		if (!client || __sync_val_compare_and_swap(&client->join, JOIN_PENDING, JOIN_CONFIRMED) !=
+				       JOIN_PENDING) {
+			cnt->peer_not_bypassed++;
+			return;
+		}
+		info.join = JOIN_CONFIRMED;
+	}
 	info.sk = (__u64)skops->sk;
-	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_ANY) ||
+	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_NOEXIST) ||
 	    bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
 		bpf_map_delete_elem(&sock_info, &key);
 		cnt->insert_failed++;
 		return;
 	}
 	cnt->sockets_inserted++;
-	/* to hear of TCP_CLOSE and drop sock_info: the sockhash forgets closed sockets by itself */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* STATE_CB: hear of TCP_CLOSE and drop sock_info (the sockhash forgets closed sockets) */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | flags);
+}
+
+/* A client end receives its first packet after establishing: by then its server end has joined
+ * if it ever will. If it has not, the client leaves the map. */
+static __always_inline void on_first_packet(struct bpf_sock_ops *skops)
+{
+	struct bypass_counters *cnt = counters_here();
+	struct sock_key key = {};
+	struct sock_info *info;
+
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
+	key_of_sockops(skops, &key);
+	info = bpf_map_lookup_elem(&sock_info, &key);
+	if (!info || __sync_val_compare_and_swap(&info->join, JOIN_PENDING, JOIN_EVICTED) != JOIN_PENDING)
+		return;
+	bpf_map_delete_elem(&sock_map, &key);
+	bpf_map_delete_elem(&sock_info, &key);
+	if (cnt)
+		cnt->evicted_lonely++;
 }
 
 SEC("sockops")
@@ -176,12 +291,22 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_established(skops, 1);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		on_established(skops);
+		on_established(skops, 0);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		on_listen(skops);
+		break;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		on_first_packet(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == TCP_CLOSE) {
-			FILL_KEY(&key, skops, local, remote);
+		if (skops->args[0] == TCP_LISTEN && skops->args[1] == TCP_CLOSE) {
+			on_listener_closed(skops);
+		} else if (skops->args[1] == TCP_CLOSE) {
+			key_of_sockops(skops, &key);
 			bpf_map_delete_elem(&sock_info, &key);
 		}
 		break;
@@ -201,7 +326,7 @@ SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct sock_key peer_key = {};
+	struct sock_key key = {}, peer_key = {};
 	struct bypass_config *cfg;
 	struct sock_info *peer;
 	struct tcp_sock *self;
@@ -212,7 +337,8 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	if (!cnt)
 		return SK_PASS;
 	cfg = bpf_map_lookup_elem(&config_map, &zero);
-	FILL_KEY(&peer_key, msg, remote, local);
+	FILL_KEY(&key, msg);
+	peer_of(&key, &peer_key);
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
 	if (!peer || !cfg || !msg->sk)
 		return pass(cnt, &cnt->passed_no_peer, size);

@@ -12,10 +12,33 @@ struct sock_key {
 	__u16 remote_port;
 };
 
+/* How a connection's two ends come to be in the map. A socket alone in the map gains nothing and
+ * gets the sockmap receive path with its kernel limitations (README), so both ends join or
+ * neither does. The client (active) end establishes first and joins only when it connected to a
+ * listener of the cgroup (listeners map). The server end joins only if it finds its client
+ * PENDING and confirms it. A client still PENDING when it receives its first packet has a server
+ * that will never join: it is EVICTED. The compare-and-swap between the two makes sure nothing is
+ * ever redirected into an evicted socket. */
+enum sock_join {
+	JOIN_PENDING = 1,
+	JOIN_CONFIRMED = 2,
+	JOIN_EVICTED = 3,
+};
+
 /* Per-socket state kept beside the sockhash: where the socket lives in kernel memory, so that a
  * sender can read its peer's receive-side fields (the sockhash lookup cannot be used from sk_msg). */
 struct sock_info {
 	__u64 sk;
+	__u64 join;  /* enum sock_join; 64 bits for compare-and-swap on every BPF CPU version */
+};
+
+/* A listening socket in the cgroup: a client end joins only when it connects to one of these, so
+ * that its server end will join too. ip is zero for a wildcard bind. */
+struct listener_key {
+	__u32 family;
+	__u32 ip[4];
+	__u16 port;
+	__u16 _pad;
 };
 
 enum bypass_scope {
@@ -39,6 +62,8 @@ struct host_addr {
 struct bypass_counters {
 	__u64 sockets_inserted;
 	__u64 insert_failed;        /* sockhash full or the tuple already present */
+	__u64 peer_not_bypassed;    /* an end whose peer will not join (not a listener of the cgroup) */
+	__u64 evicted_lonely;       /* client end whose server never joined: taken out again */
 	__u64 redirected_msgs;
 	__u64 redirected_bytes;
 	__u64 passed_msgs;          /* messages that took the normal TCP path, for any reason below */

@@ -6,6 +6,7 @@
 #define AF_INET6 10
 
 #define TCP_CLOSE 7
+#define TCP_LISTEN 10
 
 #define NETBPF_MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -7,16 +7,21 @@ its own pin directory, and both are removed in teardown even when the test fails
 import itertools
 import os
 import pickle
+import sys
 import traceback
 from pathlib import Path
 
 import pytest
 
-from netbpf import cgroup
-
 REPO = Path(__file__).resolve().parent.parent
+# Test this checkout's package, whichever checkout the editable install points at; child
+# processes (the CLI tests) inherit it through PYTHONPATH.
+sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
 TEST_OBJECTS = REPO / "build" / "tests"
 _counter = itertools.count()
+
+from netbpf import cgroup  # noqa: E402  (after the path set-up above)
 
 
 def pytest_configure(config):

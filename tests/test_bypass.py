@@ -111,8 +111,170 @@ def test_peer_outside_the_cgroup_uses_plain_tcp(bypass, cg):
     srv.close()
     assert result["got"] == b"x" * 10000
     stats = bypass.stats()
-    assert stats["sockets_inserted"] == 1  # only the client end is in the cgroup
-    assert stats["redirected_msgs"] == 0 and stats["passed_no_peer"] >= 1
+    assert stats["sockets_inserted"] == 0  # its server is no listener of the cgroup: neither joins
+    assert stats["peer_not_bypassed"] == 1 and stats["redirected_msgs"] == 0
+
+
+def test_server_in_the_cgroup_with_a_client_outside_stays_plain(bypass, cg):
+    r, w = os.pipe()
+
+    def serve():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        os.write(w, srv.getsockname()[1].to_bytes(2, "big"))
+        conn, _ = srv.accept()
+        conn.sendall(recv_all(conn)[::-1])
+        close_all(conn, srv)
+
+    server = threading.Thread(target=run_in, args=(cg, serve))
+    server.start()
+    port = int.from_bytes(os.read(r, 2), "big")
+    with socket.create_connection(("127.0.0.1", port)) as cli:
+        cli.sendall(b"abc" * 1000)
+        cli.shutdown(socket.SHUT_WR)
+        assert recv_all(cli) == b"cba" * 1000
+    server.join()
+    stats = bypass.stats()
+    assert stats["sockets_inserted"] == 0 and stats["peer_not_bypassed"] == 1
+
+
+def full_duplex_blocking_reader(port, rounds, peer_delay=0.0):
+    """Each round: one thread blocks in recv() while another sends 4 MiB on the same socket; the
+    peer reads it, answers and closes. Returns how many blocking recv() calls failed with EAGAIN."""
+    eagain = 0
+    for _ in range(rounds):
+        conn = socket.create_connection(("127.0.0.1", port))
+        sender = threading.Thread(target=conn.sendall, args=(PATTERN * 4,))
+        sender.start()
+        try:
+            while conn.recv(100):
+                pass
+        except BlockingIOError:
+            eagain += 1
+        sender.join()
+        conn.close()
+    return eagain
+
+
+def slow_peer(srv, rounds, delay):
+    for _ in range(rounds):
+        conn, _ = srv.accept()
+        time.sleep(delay)
+        recv_exactly(conn, 4 << 20)
+        conn.sendall(b"done")
+        conn.close()
+
+
+def test_a_peer_outside_the_cgroup_keeps_blocking_reads_intact(bypass, cg):
+    """DESIGN measured EAGAIN from blocking recv() on ~85% of connections with a bare bypass; here
+    the same pattern against a server outside the cgroup gave 33-38 of 40 before the bypass stopped
+    taking sockets whose peer cannot join. Now such a socket never enters the map."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    peer = threading.Thread(target=slow_peer, args=(srv, 40, 0.0))
+    peer.start()
+    assert run_in(cg, full_duplex_blocking_reader, srv.getsockname()[1], 40) == 0
+    peer.join()
+    srv.close()
+    assert bypass.stats()["peer_not_bypassed"] == 40 and bypass.stats()["sockets_inserted"] == 0
+
+
+def test_listeners_from_before_attach_are_found(cg):
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def early_listener():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        os.write(w, b"x")
+        os.read(go_r, 1)  # the bypass attaches now
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        time.sleep(0.05)
+        cli.sendall(b"hello")
+        got = recv_exactly(conn, 5)
+        close_all(cli, conn, srv)
+        return got
+
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(got=run_in(cg, early_listener)))
+    t.start()
+    os.read(r, 1)
+    with Bypass(str(cg.path)) as bypass:
+        assert len(bypass.obj.maps["listeners"]) == 1
+        os.write(go_w, b"x")
+        t.join()
+        assert holder["got"] == b"hello"
+        assert bypass.stats()["sockets_inserted"] == 2 and bypass.stats()["redirected_msgs"] == 1
+
+
+def test_client_of_a_listener_outside_the_cgroup_is_evicted_and_loses_nothing(bypass, cg):
+    """Two SO_REUSEPORT listeners on one port, one in the cgroup and one outside: a client in the
+    cgroup joins (its server might be ours), and when the kernel picked the outside listener the
+    client leaves the map at its first packet. Every connection keeps its bytes."""
+    port_r, port_w = os.pipe()
+    done_r, done_w = os.pipe()
+    rounds = 200
+
+    def inside_listener():
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(256)
+        os.write(port_w, srv.getsockname()[1].to_bytes(2, "big"))
+        os.read(done_r, 1)
+        srv.close()
+
+    inside = threading.Thread(target=run_in, args=(cg, inside_listener))
+    inside.start()
+    port = int.from_bytes(os.read(port_r, 2), "big")
+    outside = socket.socket()
+    outside.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    outside.bind(("127.0.0.1", port))
+    outside.listen(256)
+
+    def echo_outside():
+        for _ in range(rounds):
+            try:
+                outside.settimeout(3)
+                conn, _ = outside.accept()
+            except OSError:
+                return
+            conn.sendall(recv_all(conn))
+            conn.close()
+
+    def clients():
+        """Only connections that reached the outside listener get answers; count those."""
+        answered = 0
+        for i in range(rounds):
+            cli = socket.create_connection(("127.0.0.1", port))
+            cli.settimeout(0.2)
+            payload = b"%05d" % i * 200
+            cli.sendall(payload)
+            cli.shutdown(socket.SHUT_WR)
+            try:
+                answered += recv_all(cli) == payload
+            except socket.timeout:
+                pass  # the inside listener never accepts
+            cli.close()
+        return answered
+
+    echo = threading.Thread(target=echo_outside)
+    echo.start()
+    answered = run_in(cg, clients)
+    os.write(done_w, b"x")
+    inside.join()
+    outside.close()
+    echo.join()
+    stats = bypass.stats()
+    assert answered > 0
+    assert stats["evicted_lonely"] == answered  # each outside connection's client left the map
+    # every client joined; a server end joined for each connection the inside listener took
+    assert stats["sockets_inserted"] == rounds + (rounds - answered)
+
 
 
 def test_scope_loopback_ignores_a_host_address_and_host_scope_takes_it(cg):
@@ -581,32 +743,23 @@ def test_blocking_recv_sees_eof_when_the_peer_closes(bypass, cg):
 @pytest.mark.xfail(reason="kernel: tcp_bpf_recvmsg() returns -EAGAIN to a blocking reader woken without "
                           "queued data, e.g. while its own socket sends on the TCP path (seen on 6.18); "
                           "see README 'Known kernel limitations'", strict=False)
-def test_blocking_recv_while_the_same_socket_sends(bypass, cg):
-    """One thread blocks in recv() while another sends on the same socket; the peer reads it all,
-    answers and closes. The reader must see the answer and EOF, never EAGAIN."""
+def test_blocking_recv_while_the_same_socket_sends_on_the_tcp_path(cg):
+    """Both ends bypassed. A 256 KiB queue limit sends most of the 4 MiB the TCP way, whose ACKs
+    wake the blocked reader with nothing queued (about 30 of 100 rounds here; 0 of 100 with the
+    default 1 MiB limit, where the data is redirected)."""
 
-    def full_duplex():
-        eagain = 0
-        for _ in range(50):
-            srv, cli, conn = pair()
-
-            def peer():
-                recv_exactly(cli, 4 << 20)
-                cli.sendall(b"done")
-                cli.close()
-
-            threads = [threading.Thread(target=peer),
-                       threading.Thread(target=conn.sendall, args=(PATTERN * 4,))]
-            for t in threads:
-                t.start()
-            try:
-                while conn.recv(100):
-                    pass
-            except BlockingIOError:
-                eagain += 1
-            for t in threads:
-                t.join()
-            close_all(srv, conn)
+    def both_in_cgroup():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(128)
+        peer = threading.Thread(target=slow_peer, args=(srv, 100, 0.0))
+        peer.start()
+        eagain = full_duplex_blocking_reader(srv.getsockname()[1], 100)
+        peer.join()
+        srv.close()
         return eagain
 
-    assert run_in(cg, full_duplex) == 0
+    with Bypass(str(cg.path), queue_floor=256 << 10) as bypass:
+        eagain = run_in(cg, both_in_cgroup)
+        assert bypass.stats()["passed_peer_full"] > 0
+    assert eagain == 0

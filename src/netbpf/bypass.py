@@ -23,7 +23,7 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
 LINKS = ("sk_msg", "sockops")  # attach in this order: a socket gets the sk_msg program of its map
-MAPS = ("sock_map", "sock_info", "counters", "config_map", "host_addrs", "allowed_ports")
+MAPS = ("sock_map", "sock_info", "listeners", "counters", "config_map", "host_addrs", "allowed_ports")
 BPF_CGROUP_SOCK_OPS = 3
 
 
@@ -40,6 +40,33 @@ def host_addresses():
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             addrs.append((family, ip.packed.ljust(16, b"\0")))
     return addrs
+
+
+def listening_sockets(cgroup_dir):
+    """(family, 16-byte address, port) of the TCP listeners in cgroup_dir or below, from `ss`.
+    The kernel tells the bypass of listeners made after it attached; these came before."""
+    import ipaddress
+    import socket
+
+    root = cgroup.cgroup2_root()
+    out = subprocess.run(["ss", "-ltnH", "--cgroup"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        where = next((f[len("cgroup:"):] for f in fields if f.startswith("cgroup:")), None)
+        if where is None or len(fields) < 4:
+            continue
+        path = root / where.lstrip("/")
+        if path != Path(cgroup_dir) and Path(cgroup_dir) not in path.parents:
+            continue
+        host, _, port = fields[3].rpartition(":")
+        host = host.strip("[]").split("%")[0]
+        ip = ipaddress.ip_address("::" if host == "*" else host)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        found.append((family, ip.packed.ljust(16, b"\0"), int(port)))
+    return found
 
 
 def _host_addr_key(family, packed):
@@ -108,6 +135,10 @@ class Bypass:
             progs = self.obj.programs
             self.links["sk_msg"] = progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
             self.links["sockops"] = progs["bypass_sockops"].attach_cgroup(self.cgroup)
+            for family, packed, port in listening_sockets(self.cgroup):  # after attach: none missed
+                key = dict(_host_addr_key(family, packed), port=port)
+                if key not in maps["listeners"]:
+                    maps["listeners"][key] = 1
         except BaseException:
             self.close()
             raise
