@@ -1,7 +1,6 @@
 """The bypass in the running kernel: every test runs its sockets in a child cgroup with the bypass
 attached there, compares bytes exactly, and reads the counters to prove the bypass was used."""
 
-import errno
 import fcntl
 import hashlib
 import os

@@ -18,7 +18,6 @@ import re
 import stat
 import threading
 from collections.abc import MutableMapping
-from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile

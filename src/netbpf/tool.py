@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import cgroup
 from .errors import NetbpfError, ObjectFileError, UsageError
-from .loader import Link, Map, open_pinned_link
+from .loader import Map, open_pinned_link
 
 
 class Parser(argparse.ArgumentParser):
@@ -181,8 +181,117 @@ def setup_logging(verbose):
         logging.getLogger("netbpf.libbpf").setLevel(logging.ERROR)
 
 
-def is_attached(pin_dir, link_name):
-    return (Path(pin_dir) / link_name).exists()
+def prog_names_on(cgroup_path, attach_type):
+    """Names of the programs attached to a cgroup for one attach type."""
+    from .libbpf import ffi, lib
+
+    ids = ffi.new("uint32_t[64]")
+    count = ffi.new("uint32_t *", 64)
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if lib.bpf_prog_query(fd, attach_type, 0, ffi.NULL, ids, count) < 0:
+            return []
+    finally:
+        os.close(fd)
+    names = []
+    for prog_id in ids[0:count[0]]:
+        prog_fd = lib.bpf_prog_get_fd_by_id(prog_id)
+        if prog_fd >= 0:
+            info = ffi.new("struct bpf_prog_info *")
+            size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+            lib.bpf_obj_get_info_by_fd(prog_fd, info, size)
+            names.append(ffi.string(info.name).decode())
+            os.close(prog_fd)
+    return names
+
+
+class Attachment:
+    """A tool's BPF object attached to one cgroup, pinned on request. A subclass names
+
+        NAME       the tool, and its object file NAME.bpf.o
+        MAPS       the maps pinned beside the links, which status reads back
+        MARKER     (attach type, program name): seeing it on a cgroup means "already attached"
+        PIN_CHECK  a pin that exists exactly when the tool is attached with pins
+
+    and fills in _prepare(obj) before load, _configure(maps) after load, and _attach_links(),
+    which yields (pin name, function that attaches and returns the Link) in attach order."""
+
+    NAME = MAPS = MARKER = PIN_CHECK = None
+
+    def __init__(self, cgroup_dir=None):
+        self.cgroup = cgroup.resolve(cgroup_dir)
+        self.obj = None
+        self.links = {}
+
+    def _prepare(self, obj):
+        pass
+
+    def _configure(self, maps):
+        pass
+
+    def _attach_links(self):
+        raise NotImplementedError
+
+    def attach(self):
+        attach_type, program = self.MARKER
+        if program in prog_names_on(self.cgroup, attach_type):
+            raise UsageError(f"{self.NAME} is already attached to {self.cgroup} (detach it first)")
+        from . import object_path
+        from .loader import Object
+
+        self.obj = Object(object_path(self.NAME))
+        try:
+            self._prepare(self.obj)
+            self.obj.load()
+            self._configure(self.obj.maps)
+            for name, attach in self._attach_links():
+                self.links[name] = attach()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def pin(self, pin_dir):
+        """Make the attachment outlive this process: links and maps pinned under pin_dir."""
+        pin_dir = Path(pin_dir)
+        if pin_dir.exists() and any(pin_dir.iterdir()):
+            raise UsageError(f"{self.NAME} is already attached with pins in {pin_dir} (detach it first)")
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in self.MAPS:
+                self.obj.maps[name].pin(pin_dir / name)
+            for name, link in self.links.items():
+                link.pin(pin_dir / name)
+        except BaseException:
+            unpin_all(pin_dir, self.links, self.MAPS)
+            raise
+
+    def close(self):
+        """Detach everything this process attached and was not pinned, and unload."""
+        for name in reversed(list(self.links)):
+            self.links.pop(name).close()
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self):
+        return self.attach() if self.obj is None else self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @classmethod
+    def is_pinned(cls, pin_dir):
+        return (Path(pin_dir) / cls.PIN_CHECK).exists()
+
+    @classmethod
+    def detach_pinned(cls, pin_dir):
+        """Remove every link and map `attach` pinned in pin_dir. False when nothing was there."""
+        pin_dir = Path(pin_dir)
+        if not pin_dir.exists() or not any(pin_dir.iterdir()):
+            return False
+        unpin_all(pin_dir, [p.name for p in pin_dir.iterdir() if p.name not in cls.MAPS], cls.MAPS)
+        return True
 
 
 def close_all(items):
@@ -190,6 +299,47 @@ def close_all(items):
         item.close()
 
 
-__all__ = ["Parser", "common_arguments", "parse_port", "parse_ports", "require_root", "check_pin_dir",
-           "link_cgroup", "unpin_all", "open_pinned_maps", "run_until_signalled", "print_json", "main",
-           "setup_logging", "is_attached", "close_all", "Link"]
+def run_command(args, cls, make, status, show_status, live_line):
+    """The verbs both tools share. cls: the Attachment subclass; make(args) -> an unattached
+    instance; status(pin_dir) -> dict; show_status(dict) prints it for people;
+    live_line(tool, stats, previous stats, seconds between) -> one status line."""
+    prog = cls.NAME
+    require_root()
+    pin_dir = check_pin_dir(args.pin_dir)
+    if args.command == "status":
+        info = status(pin_dir)
+        if args.json:
+            print_json(info)
+        elif not info["attached"]:
+            print(f"{prog}: not attached (no pins in {pin_dir})")
+        else:
+            show_status(info)
+        return 0
+    if args.command == "detach":
+        if not cls.detach_pinned(pin_dir):
+            raise UsageError(f"{prog} is not attached (no pins in {pin_dir})")
+        print(f"{prog}: detached (removed {pin_dir})")
+        return 0
+
+    tool = make(args)
+    if args.command == "attach":
+        if pin_dir.exists() and any(pin_dir.iterdir()):
+            raise UsageError(f"{prog} is already attached with pins in {pin_dir} (detach it first)")
+        with tool.attach():  # closing after pin() leaves the pinned attachment in place
+            tool.pin(pin_dir)
+        print(f"{prog}: attached to {tool.cgroup} (pins in {pin_dir})")
+        return 0
+
+    with tool.attach():
+        print(f"{prog}: attached to {tool.cgroup}; Ctrl-C to detach", flush=True)
+        state = {"previous": None, "when": time.monotonic()}
+
+        def step():
+            now, stats = time.monotonic(), tool.stats()
+            end = "\r" if sys.stdout.isatty() else "\n"
+            print(live_line(tool, stats, state["previous"], now - state["when"]), end=end, flush=True)
+            state["previous"], state["when"] = stats, now
+
+        run_until_signalled(step, args.interval)
+    print(f"\n{prog}: detached", flush=True)
+    return 0
