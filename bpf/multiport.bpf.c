@@ -417,4 +417,63 @@ int mp_sock_release(struct bpf_sock *sk)
 	return 1;
 }
 
+/* --- --mode tracepoint: the original design, getsockname() rewritten in user memory ---
+ * Loaded only in that mode. bpf_probe_write_user is refused under kernel lockdown, where the
+ * load fails and the tool says so. Binds still go through the cgroup hooks above. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} target_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);   /* pid_tgid: one getsockname() in flight per thread */
+	__type(value, __u64); /* the caller's struct sockaddr * */
+} getsockname_calls SEC(".maps");
+
+SEC("tracepoint/syscalls/sys_enter_getsockname")
+int mp_tp_enter_getsockname(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid(), addr = ctx->args[1];
+
+	if (bpf_current_task_under_cgroup(&target_cgroup, 0) == 1)
+		bpf_map_update_elem(&getsockname_calls, &id, &addr, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_getsockname")
+int mp_tp_exit_getsockname(struct trace_event_raw_sys_exit *ctx)
+{
+	struct real_port_key key = {};
+	__u64 id = bpf_get_current_pid_tgid(), *addr;
+	struct { __u16 family; __u16 port; } sa;
+	struct real_port *rp;
+	__u16 virtual_be;
+
+	addr = bpf_map_lookup_elem(&getsockname_calls, &id);
+	if (!addr)
+		return 0;
+	if (ctx->ret == 0 && bpf_probe_read_user(&sa, sizeof(sa), (void *)*addr) == 0 &&
+	    (sa.family == AF_INET || sa.family == AF_INET6)) {
+		key.port = bpf_ntohs(sa.port);
+		key.protocol = IPPROTO_TCP_;
+		rp = bpf_map_lookup_elem(&real_ports, &key);
+		if (!rp) {
+			key.protocol = IPPROTO_UDP_;
+			rp = bpf_map_lookup_elem(&real_ports, &key);
+		}
+		if (rp) {
+			virtual_be = bpf_htons(rp->virtual_port);
+			if (bpf_probe_write_user((void *)*addr + 2, &virtual_be, sizeof(virtual_be)) == 0)
+				COUNT(names_rewritten);
+		}
+	}
+	bpf_map_delete_elem(&getsockname_calls, &id);
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "GPL";

@@ -232,6 +232,9 @@ class Attachment:
     def _attach_links(self):
         raise NotImplementedError
 
+    def _load(self):
+        self.obj.load()
+
     def attach(self):
         attach_type, program = self.MARKER
         if program in prog_names_on(self.cgroup, attach_type):
@@ -242,7 +245,7 @@ class Attachment:
         self.obj = Object(object_path(self.NAME))
         try:
             self._prepare(self.obj)
-            self.obj.load()
+            self._load()
             self._configure(self.obj.maps)
             for name, attach in self._attach_links():
                 self.links[name] = attach()

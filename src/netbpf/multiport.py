@@ -1,0 +1,240 @@
+"""multiport: many processes bind "port 3000"; each gets a free real port, and nobody can tell.
+
+    with Multiport(cgroup="/sys/fs/cgroup/unified/app", ports=[3000]) as mp:
+        ...                       # binds to 3000 in that cgroup get free ports, names say 3000
+        print(mp.mappings())
+
+CLI: python -m netbpf.multiport [run|attach|status|detach] --port P [--port P-Q] ...
+     python -m netbpf.multiport exec --port P -- CMD [ARGS]
+"""
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from . import cgroup, object_path, tool
+from .errors import UsageError, VerifierError
+from .loader import Object
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
+MAPS = ("virtual_ports", "mappings", "real_ports", "config_map", "counters")
+BPF_CGROUP_INET4_BIND = 8
+# attach order: everything that reads the remap is in place before binds are remapped
+CGROUP_PROGRAMS = ("mp_sock_release", "mp_post_bind4", "mp_post_bind6", "mp_getsockname4", "mp_getsockname6",
+                   "mp_getpeername4", "mp_getpeername6", "mp_connect4", "mp_connect6", "mp_sendmsg4",
+                   "mp_sendmsg6", "mp_recvmsg4", "mp_recvmsg6", "mp_bind4", "mp_bind6")
+TRACEPOINT_PROGRAMS = ("mp_tp_enter_getsockname", "mp_tp_exit_getsockname")
+CGROUP_GETSOCKNAME = ("mp_getsockname4", "mp_getsockname6")
+MODES = ("cgroup", "tracepoint")
+PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+
+class Multiport(tool.Attachment):
+    """Port remapping for the processes of one cgroup (default: the cgroup v2 root)."""
+
+    NAME = "multiport"
+    MAPS = MAPS
+    MARKER = (BPF_CGROUP_INET4_BIND, "mp_bind4")
+    PIN_CHECK = "mp_bind4"
+
+    def __init__(self, cgroup_dir=None, ports=(), allow_privileged=False, mode="cgroup"):
+        if not ports:
+            raise UsageError("give the virtual ports to remap with --port P (repeatable; ranges P-Q)")
+        if mode not in MODES:
+            raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        privileged = [p for p in ports if p < 1024]
+        if privileged and not allow_privileged:
+            raise UsageError(f"port {privileged[0]} is below 1024: remapping it lets any process in the cgroup "
+                             "appear to own it; pass --allow-privileged if that is intended")
+        super().__init__(cgroup_dir)
+        self.ports, self.allow_privileged, self.mode = sorted(ports), allow_privileged, mode
+
+    def _programs(self):
+        if self.mode == "tracepoint":
+            return [p for p in CGROUP_PROGRAMS if p not in CGROUP_GETSOCKNAME] + list(TRACEPOINT_PROGRAMS)
+        return list(CGROUP_PROGRAMS)
+
+    def _prepare(self, obj):
+        wanted = set(self._programs())
+        for name, prog in obj.programs.items():
+            prog.autoload = name in wanted
+
+    def _load(self):
+        try:
+            self.obj.load()
+        except VerifierError as exc:
+            if self.mode == "tracepoint" and "bpf_probe_write_user" in exc.log:
+                raise UsageError("--mode tracepoint needs bpf_probe_write_user, which this kernel refuses "
+                                 f"({lockdown_state()}); use the default --mode cgroup") from None
+            raise
+
+    def _configure(self, maps):
+        for port in self.ports:
+            maps["virtual_ports"][port] = 1
+        maps["config_map"][0] = {"allow_privileged": int(self.allow_privileged)}
+        if self.mode == "tracepoint":
+            fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self.obj.maps["target_cgroup"][0] = fd
+            finally:
+                os.close(fd)
+
+    def _attach_links(self):
+        for name in self._programs():
+            prog = self.obj.programs[name]
+            if name in TRACEPOINT_PROGRAMS:
+                yield name, prog.attach_tracepoint
+            else:
+                yield name, (lambda prog=prog: prog.attach_cgroup(self.cgroup))
+
+    def stats(self):
+        return _stats(self.obj.maps)
+
+    def mappings(self):
+        return _mappings(self.obj.maps["mappings"])
+
+
+def lockdown_state():
+    """'kernel lockdown: integrity', or what is known when securityfs is not mounted."""
+    try:
+        text = Path("/sys/kernel/security/lockdown").read_text()
+    except OSError:
+        return "kernel lockdown, or a kernel without the helper"
+    return "kernel lockdown: " + (text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip())
+
+
+def _mappings(mappings_map):
+    out = []
+    for _, m in sorted(mappings_map.items(), key=lambda kv: (kv[1].virtual_port, kv[1].real_port)):
+        out.append({"virtual_port": m.virtual_port, "real_port": m.real_port,
+                    "protocol": PROTOCOLS.get(m.protocol, str(m.protocol)),
+                    "family": FAMILIES.get(m.family, str(m.family)), "pid": m.pid, "comm": m.comm,
+                    "cgroup": tool.cgroup_path_of_id(m.cgroup_id)})
+    return out
+
+
+def _stats(maps):
+    counters = maps["counters"].sum(0)._asdict()
+    counters["mappings"] = _mappings(maps["mappings"])
+    return counters
+
+
+def status(pin_dir=DEFAULT_PIN_DIR):
+    """What a pinned multiport is doing."""
+    pin_dir = Path(pin_dir)
+    if not Multiport.is_pinned(pin_dir):
+        return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "ports": [], "mappings": []}
+    with Object(object_path("multiport")) as obj:
+        maps = tool.open_pinned_maps(pin_dir, obj, MAPS)
+    try:
+        mode = "tracepoint" if (pin_dir / TRACEPOINT_PROGRAMS[0]).exists() else "cgroup"
+        return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "mp_bind4"), "pin_dir": str(pin_dir),
+                "mode": mode, "allow_privileged": bool(maps["config_map"][0].allow_privileged),
+                "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
+    finally:
+        tool.close_all(maps.values())
+
+
+def format_table(mappings):
+    lines = [f"{'virtual':>7} {'real':>6} {'proto':5} {'family':6} {'pid':>7}  comm"]
+    for m in mappings:
+        lines.append(f"{m['virtual_port']:7d} {m['real_port']:6d} {m['protocol']:5} {m['family']:6} "
+                     f"{m['pid']:7d}  {m['comm']}")
+    return "\n".join(lines)
+
+
+def show_status(info):
+    print(f"multiport: attached to {info['cgroup']} (pins in {info['pin_dir']}, mode {info['mode']}), "
+          f"virtual ports {compact_ports(info['ports'])}")
+    print(format_table(info["mappings"]))
+
+
+def live_line(multiport, stats, previous, elapsed):
+    return f"{len(stats['mappings'])} mappings, {stats['binds_remapped']} binds remapped, " \
+           f"{stats['connects_redirected']} connects redirected\n" + format_table(stats["mappings"]) + "\n"
+
+
+def compact_ports(ports):
+    """[80, 81, 82, 90] -> '80-82,90'"""
+    runs, start = [], None
+    for i, port in enumerate(ports):
+        if start is None:
+            start = port
+        if i + 1 == len(ports) or ports[i + 1] != port + 1:
+            runs.append(str(start) if start == port else f"{start}-{port}")
+            start = None
+    return ",".join(runs)
+
+
+def exec_in_own_cgroup(args, ports, command):
+    """Run COMMAND in a fresh child cgroup with multiport attached there; its exit status is ours."""
+    parent = cgroup.resolve(args.cgroup)
+    group = cgroup.Cgroup.create(f"netbpf-multiport-{os.getpid()}", parent)
+    try:
+        with Multiport(str(group.path), ports, args.allow_privileged, args.mode):
+            try:
+                proc = group.popen(command)
+            except OSError as exc:
+                raise UsageError(f"cannot run {command[0]}: {exc.strerror}") from None
+            forward = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                       for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+            try:
+                code = proc.wait()
+            finally:
+                for sig, handler in forward.items():
+                    signal.signal(sig, handler)
+    finally:
+        group.remove()
+    return code if code >= 0 else 128 - code
+
+
+def build_parser():
+    parser = tool.Parser(prog="python -m netbpf.multiport",
+                         description="Many processes bind the same port; each gets a free real port and "
+                                     "getsockname()/getpeername() show the port it asked for.")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "attach", "status", "detach", "exec"),
+                        help="run (default): attach, show the mappings until Ctrl-C, detach; attach: attach "
+                             "and pin; status; detach; exec --port P -- CMD: run CMD in its own cgroup")
+    tool.common_arguments(parser, DEFAULT_PIN_DIR)
+    parser.add_argument("--port", action="append", metavar="P",
+                        help="a virtual port to remap (repeatable; a range P-Q; 80,443)")
+    parser.add_argument("--allow-privileged", action="store_true",
+                        help="allow virtual ports below 1024")
+    parser.add_argument("--mode", choices=MODES, default="cgroup",
+                        help="cgroup (default): cgroup hooks; tracepoint: the original design, "
+                             "getsockname() rewritten in user memory (needs a kernel without lockdown)")
+    return parser
+
+
+def cli(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1:]
+    args = build_parser().parse_args(argv)
+    tool.setup_logging(args.verbose)
+    ports = tool.parse_ports(args.port)
+    if args.command == "exec":
+        if not command:
+            raise UsageError("exec needs a command: exec --port P -- CMD [ARGS]")
+        tool.require_root()
+        return exec_in_own_cgroup(args, ports, command)
+    if command:
+        raise UsageError(f"only exec takes a command after --, not {args.command}")
+
+    def make(args):
+        return Multiport(args.cgroup, ports, args.allow_privileged, args.mode)
+
+    return tool.run_command(args, Multiport, make, status, show_status, live_line)
+
+
+def main():
+    sys.exit(tool.main("netbpf.multiport", cli))
+
+
+if __name__ == "__main__":
+    main()
