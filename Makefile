@@ -3,6 +3,7 @@
 #   make deps       install the Debian packages the build and the tests need
 #   make test       run the test suite (root; loads programs into the running kernel)
 #   make evaluate   run the latency experiment and the benchmark driver
+#   make bench      pytest-benchmark: loader cycle, multiport bind+getsockname
 #   make clean      remove build output
 #   V=1             show the commands
 
@@ -28,7 +29,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: all deps check-tools test evaluate vmtest clean install
+.PHONY: all deps check-tools test evaluate bench vmtest clean
 
 # --- vendored libbpf (git submodule external/libbpf), used when its sources are present ---
 LIBBPF_SRC := external/libbpf/src
@@ -105,7 +106,10 @@ test: all
 
 evaluate: all
 	evaluate/test-bypasser.sh
-	$(PYTHON) -m evaluate.bench
+	$(PYTHON) -m evaluate.bench $(BENCH_ARGS)
+
+bench: all
+	$(PYTHON) -m pytest --benchmark-only tests/test_bench_loader.py tests/test_bench_multiport.py
 
 vmtest: all
 	tests/vm/run.sh

@@ -1,0 +1,287 @@
+"""The benchmark a skeptic would trust: plain TCP, bypass and AF_UNIX measured side by side.
+
+    sudo python3 -m evaluate.bench [--quick] [--reps N] [--out DIR]
+
+Every configuration runs the three variants interleaved (plain, bypass, unix, plain, bypass, ...)
+for several repetitions in one sitting, so that the machine's drift hits all three alike. Plain
+and bypass run in two child cgroups made here, the bypass attached to one of them; both are
+removed at the end. Reported: medians over repetitions, their spread (min-max), and the ratios
+bypass/plain and bypass/unix. Real peers (redis-benchmark, sockperf, iperf3) run when installed.
+
+Writes DIR/results.json, DIR/results.md and, with matplotlib, DIR/latency.png and DIR/ratio.png.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from netbpf import cgroup
+from netbpf.bypass import Bypass
+
+REPO = Path(__file__).resolve().parent.parent
+PINGPONG = REPO / "evaluate" / "pingpong"
+VARIANTS = ("plain", "bypass", "unix")
+
+
+class Bench:
+    def __init__(self, reps, quick):
+        self.reps, self.quick = reps, quick
+        self.plain = cgroup.Cgroup.create(f"netbpf-bench-plain-{os.getpid()}")
+        self.bypassed = cgroup.Cgroup.create(f"netbpf-bench-bypass-{os.getpid()}")
+        self.bypass = Bypass(str(self.bypassed.path)).attach()
+        self.done = 0
+        self.total = 0
+
+    def close(self):
+        self.bypass.close()
+        self.plain.remove()
+        self.bypassed.remove()
+
+    def group(self, variant):
+        return self.bypassed if variant == "bypass" else self.plain
+
+    def progress(self, what):
+        self.done += 1
+        print(f"\r[{self.done}/{self.total}] {what:<60}", end="", file=sys.stderr, flush=True)
+
+    def pingpong(self, variant, *args):
+        transport = "unix" if variant == "unix" else "tcp"
+        proc = self.group(variant).popen([str(PINGPONG), "-t", transport, *map(str, args)],
+                                         stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"pingpong {variant} {args} failed")
+        return json.loads(out)
+
+    def interleaved(self, label, run):
+        """run(variant) -> dict of metrics; returns {variant: [result per repetition]}."""
+        results = {v: [] for v in VARIANTS}
+        for rep in range(self.reps):
+            for variant in VARIANTS:
+                self.progress(f"{label} {variant} rep {rep + 1}")
+                results[variant].append(run(variant))
+        return results
+
+    # --- experiments ---
+
+    def latency(self, size, placement, connections=1):
+        n = max(2000, (20000 if self.quick else 100000) // max(1, size // 1024 + 1))
+        return self.interleaved(f"rtt {size}B {placement} x{connections}", lambda v: self.pingpong(
+            v, "-m", "rtt", "-s", size, "-n", n, "-p", placement, "-c", connections))
+
+    def stream(self, size, placement):
+        seconds = 1 if self.quick else 2
+        return self.interleaved(f"stream {size}B {placement}", lambda v: self.pingpong(
+            v, "-m", "stream", "-s", size, "-d", seconds, "-p", placement))
+
+    def redis(self):
+        if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+            return None
+        servers = {}
+        for variant in ("plain", "bypass"):
+            port = free_port()
+            servers[variant] = (port, self.group(variant).popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_for_port(port)
+
+        def run(variant):
+            if variant == "unix":
+                return {}
+            port = servers[variant][0]
+            proc = self.group(variant).popen(
+                ["redis-benchmark", "-p", str(port), "-n", "20000" if self.quick else "100000", "-c", "50",
+                 "-t", "set,get", "--csv"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            out, _ = proc.communicate(timeout=600)
+            return {row.split(",")[0].strip('"'): float(row.split(",")[1].strip('"'))
+                    for row in out.splitlines() if row.startswith(('"SET"', '"GET"'))}
+
+        try:
+            return self.interleaved("redis-benchmark", run)
+        finally:
+            for _, proc in servers.values():
+                proc.terminate()
+                proc.wait()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def summarize(results, metric):
+    """{variant: {median, min, max}} of one metric over the repetitions."""
+    out = {}
+    for variant, runs in results.items():
+        values = [r[metric] for r in runs if metric in r]
+        if values:
+            out[variant] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def ratios(summary):
+    med = {v: s["median"] for v, s in summary.items()}
+    out = {}
+    if "bypass" in med and "plain" in med:
+        out["bypass/plain"] = med["bypass"] / med["plain"]
+    if "bypass" in med and "unix" in med:
+        out["bypass/unix"] = med["bypass"] / med["unix"]
+    return out
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def run_all(args):
+    bench = Bench(args.reps, args.quick)
+    sizes = [64, 1024, 16384, 65536] if not args.quick else [64, 1024, 65536]
+    placements = ["same", "cross"]
+    concurrency = [1, 8, 64] if not args.quick else [1, 8]
+    bench.total = args.reps * 3 * (len(sizes) * len(placements) + len(concurrency) - 1 + 2 + 1)
+    report = {"machine": machine(), "reps": args.reps, "latency": [], "concurrency": [], "stream": []}
+    try:
+        for placement in placements:
+            for size in sizes:
+                res = bench.latency(size, placement)
+                for metric in ("p50_us", "p99_us", "mean_us"):
+                    summary = summarize(res, metric)
+                    report["latency"].append({"size": size, "placement": placement, "metric": metric,
+                                              "summary": summary, "ratios": ratios(summary)})
+        for conns in concurrency[1:]:
+            res = bench.latency(1024, "any", conns)
+            for metric in ("requests_per_s", "p50_us", "p99_us"):
+                summary = summarize(res, metric)
+                report["concurrency"].append({"connections": conns, "metric": metric, "summary": summary,
+                                              "ratios": ratios(summary)})
+        for placement in placements:
+            summary = summarize(bench.stream(65536, placement), "mbytes_per_s")
+            report["stream"].append({"size": 65536, "placement": placement, "summary": summary,
+                                     "ratios": ratios(summary)})
+        redis = bench.redis()
+        if redis:
+            report["redis"] = [{"test": t, "summary": summarize(redis, t), "ratios": ratios(summarize(redis, t))}
+                               for t in ("SET", "GET")]
+        report["bypass_counters"] = bench.bypass.stats()
+    finally:
+        bench.close()
+        print(file=sys.stderr)
+    return report
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, kernel {m['kernel']}, {m['date']}; "
+             f"medians of {report['reps']} interleaved repetitions (min-max in brackets).", "",
+             "| test | size | placement | plain | bypass | AF_UNIX | bypass/plain | bypass/unix |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(s):
+        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
+
+    def row(test, size, placement, entry):
+        s, r = entry["summary"], entry["ratios"]
+        lines.append(f"| {test} | {size} | {placement} | {cell(s.get('plain'))} | {cell(s.get('bypass'))} | "
+                     f"{cell(s.get('unix'))} | {r.get('bypass/plain', float('nan')):.2f} | "
+                     f"{r.get('bypass/unix', float('nan')):.2f} |")
+
+    for e in report["latency"]:
+        if e["metric"] in ("p50_us", "p99_us"):
+            row(f"RTT {e['metric'][:-3]} (µs)", e["size"], e["placement"], e)
+    for e in report["concurrency"]:
+        if e["metric"] == "requests_per_s":
+            row(f"requests/s, {e['connections']} connections", 1024, "any", e)
+    for e in report["stream"]:
+        row("stream MB/s", e["size"], e["placement"], e)
+    for e in report.get("redis", []):
+        row(f"redis-benchmark {e['test']} req/s", "-", "any", e)
+    return "\n".join(lines) + "\n"
+
+
+def plots(report, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, placement in zip(axes, ("same", "cross")):
+        for variant, style in (("plain", "o-"), ("bypass", "s-"), ("unix", "^-")):
+            for metric, alpha in (("p50_us", 1.0), ("p99_us", 0.4)):
+                pts = [(e["size"], e["summary"][variant]["median"]) for e in report["latency"]
+                       if e["placement"] == placement and e["metric"] == metric and variant in e["summary"]]
+                if pts:
+                    ax.plot(*zip(*pts), style, alpha=alpha, label=f"{variant} {metric[:-3]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("round trip (µs)")
+        ax.set_title(f"client and server on {'one CPU' if placement == 'same' else 'different CPUs'}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for placement in ("same", "cross"):
+        pts = [(e["size"], e["ratios"]["bypass/plain"]) for e in report["latency"]
+               if e["placement"] == placement and e["metric"] == "p50_us" and "bypass/plain" in e["ratios"]]
+        ax.plot(*zip(*pts), "o-", label=f"{placement} CPU")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("median RTT, bypass / plain TCP")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ratio.png", dpi=100)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m evaluate.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and requests")
+    parser.add_argument("--out", default=str(REPO / "evaluate" / "results"), help="output directory")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("evaluate.bench: must run as root (it loads BPF programs)", file=sys.stderr)
+        return 2
+    if not PINGPONG.exists():
+        print("evaluate.bench: evaluate/pingpong is not built: run make", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_all(args)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / "results.md").write_text(table)
+    print(table)
+    if plots(report, out):
+        print(f"plots: {out / 'latency.png'}, {out / 'ratio.png'}")
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
