@@ -230,12 +230,12 @@ def plots(report, out):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, placement in zip(axes, ("same", "cross")):
-        for variant, style in (("plain", "o-"), ("bypass", "s-"), ("unix", "^-")):
-            for metric, alpha in (("p50_us", 1.0), ("p99_us", 0.4)):
+        for variant, marker, color in (("plain", "o", "C0"), ("bypass", "s", "C2"), ("unix", "^", "C4")):
+            for metric, line in (("p50_us", "-"), ("p99_us", ":")):
                 pts = [(e["size"], e["summary"][variant]["median"]) for e in report["latency"]
                        if e["placement"] == placement and e["metric"] == metric and variant in e["summary"]]
                 if pts:
-                    ax.plot(*zip(*pts), style, alpha=alpha, label=f"{variant} {metric[:-3]}")
+                    ax.plot(*zip(*pts), marker + line, color=color, label=f"{variant} {metric[:-3]}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("round trip (µs)")

@@ -27,19 +27,16 @@ def bypass(cg):
         yield attached
 
 
-def echo_once(family=socket.AF_INET, host="127.0.0.1", payload=b"hello bypass"):
+def echo_once(family=socket.AF_INET, host="127.0.0.1", payload=b"hello bypass", settle=0.0):
+    """Send payload, echo it back reversed; `settle` waits after connecting (both ends joined)."""
     srv, cli, conn = pair(family, host)
+    time.sleep(settle)
     cli.sendall(payload)
     got = recv_exactly(conn, len(payload))
     conn.sendall(got[::-1])
     back = recv_exactly(cli, len(payload))
     close_all(cli, conn, srv)
     return got, back
-
-
-def settle(bypass, reader):
-    """Counters from inside the cgroup may land a moment after the syscall returns."""
-    return bypass.stats()
 
 
 # --- basic redirection and families ---
@@ -49,19 +46,7 @@ def settle(bypass, reader):
                          ids=["ipv4", "ipv6", "v4-mapped"])
 def test_echo_is_redirected(bypass, cg, family, host):
     payload = PATTERN[:5000]
-
-    def exchange():
-        time.sleep(0)  # both ends are established and in the map before the first send below
-        srv, cli, conn = pair(family, host)
-        time.sleep(0.05)
-        cli.sendall(payload)
-        got = recv_exactly(conn, len(payload))
-        conn.sendall(got[::-1])
-        back = recv_exactly(cli, len(payload))
-        close_all(cli, conn, srv)
-        return got, back
-
-    got, back = run_in(cg, exchange)
+    got, back = run_in(cg, echo_once, family, host, payload, 0.05)
     assert got == payload and back == payload[::-1]
     stats = bypass.stats()
     assert stats["sockets_inserted"] == 2

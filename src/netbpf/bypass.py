@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import cgroup, object_path, tool
+from . import cgroup, tool
 from .errors import UsageError
-from .loader import Object, open_pinned_link
+from .loader import open_pinned_link
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
@@ -136,9 +136,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
     if not Bypass.is_pinned(pin_dir):
         return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "sockets": 0,
                 "redirected_msgs": 0, "redirected_bytes": 0, "passed_msgs": 0}
-    with Object(object_path("bypass")) as obj:
-        maps = tool.open_pinned_maps(pin_dir, obj, MAPS)
-    try:
+    with Bypass.pinned_maps(pin_dir) as maps:
         refresh_host_addrs(maps["host_addrs"])
         config = maps["config_map"][0]
         sk_msg = open_pinned_link(pin_dir / "sk_msg")
@@ -149,8 +147,6 @@ def status(pin_dir=DEFAULT_PIN_DIR):
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
                 "queue_floor": config.queue_floor, "sk_msg_attach": mechanism,
                 "listeners": len(maps["listeners"]), **_stats(maps)}
-    finally:
-        tool.close_all(maps.values())
 
 
 def format_line(stats, previous, elapsed):

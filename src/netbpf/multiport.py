@@ -14,9 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
-from . import cgroup, object_path, tool
+from . import cgroup, tool
 from .errors import UsageError, VerifierError
-from .loader import Object
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
 MAPS = ("virtual_ports", "mappings", "real_ports", "config_map", "counters")
@@ -127,15 +126,11 @@ def status(pin_dir=DEFAULT_PIN_DIR):
     pin_dir = Path(pin_dir)
     if not Multiport.is_pinned(pin_dir):
         return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "ports": [], "mappings": []}
-    with Object(object_path("multiport")) as obj:
-        maps = tool.open_pinned_maps(pin_dir, obj, MAPS)
-    try:
+    with Multiport.pinned_maps(pin_dir) as maps:
         mode = "tracepoint" if (pin_dir / TRACEPOINT_PROGRAMS[0]).exists() else "cgroup"
         return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "mp_bind4"), "pin_dir": str(pin_dir),
                 "mode": mode, "allow_privileged": bool(maps["config_map"][0].allow_privileged),
                 "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
-    finally:
-        tool.close_all(maps.values())
 
 
 def format_table(mappings):

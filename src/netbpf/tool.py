@@ -2,6 +2,7 @@
 the live loop, and the rule that bad input is one line on stderr and exit status 2."""
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -282,6 +283,20 @@ class Attachment:
 
     def __exit__(self, *exc):
         self.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def pinned_maps(cls, pin_dir):
+        """The pinned maps, decoded with the BTF of the tool's object file, closed afterwards."""
+        from . import object_path
+        from .loader import Object
+
+        with Object(object_path(cls.NAME)) as obj:
+            maps = open_pinned_maps(pin_dir, obj, cls.MAPS)
+        try:
+            yield maps
+        finally:
+            close_all(maps.values())
 
     @classmethod
     def is_pinned(cls, pin_dir):
