@@ -4,6 +4,7 @@ attached there, compares bytes exactly, and reads the counters to prove the bypa
 import fcntl
 import hashlib
 import os
+import platform
 import resource
 import select
 import socket
@@ -307,6 +308,7 @@ def test_attaching_twice_to_one_cgroup_is_refused(bypass, cg):
 
 # --- ordering at set-up and under fallback ---
 
+@pytest.mark.slow
 def test_data_written_right_after_connect_on_1000_connections(bypass, cg):
     """TCP_DEFER_ACCEPT holds the server end out of the map until data arrives, so the first
     sends go the TCP way and the server joins with them unread: the hazard of a late peer."""
@@ -344,6 +346,7 @@ def test_data_written_right_after_connect_on_1000_connections(bypass, cg):
     assert stats["redirected_msgs"] > 0  # and the bypass took over once it was read
 
 
+@pytest.mark.slow
 def test_one_gib_through_many_connections_with_a_slow_reader(bypass, cg):
     connections, per_connection = 16, 64 << 20
 
@@ -431,6 +434,7 @@ def wait_for(predicate, timeout=5.0):
     return predicate()
 
 
+@pytest.mark.slow
 def test_10000_connect_close_cycles_leave_the_maps_empty(bypass, cg):
     def churn():
         srv = socket.socket()
@@ -469,20 +473,41 @@ def test_half_close_gives_eof_and_the_other_direction_still_works(bypass, cg):
     assert bypass.stats()["redirected_msgs"] >= 2
 
 
-def test_fionread_and_msg_peek(bypass, cg):
-    def semantics():
+def kernel_older_than(major, minor):
+    release = platform.release().split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) < (major, minor)
+
+
+def test_msg_peek(bypass, cg):
+    def peek():
+        srv, cli, conn = pair()
+        time.sleep(0.05)
+        cli.sendall(b"0123456789")
+        time.sleep(0.05)
+        peeked = conn.recv(4, socket.MSG_PEEK)
+        first = conn.recv(4)
+        rest = conn.recv(100)
+        close_all(srv, cli, conn)
+        return peeked, first, rest
+
+    assert run_in(cg, peek) == (b"0123", b"0123", b"456789")
+    assert bypass.stats()["redirected_msgs"] >= 1
+
+
+@pytest.mark.xfail(kernel_older_than(6, 18), strict=False,
+                   reason="kernel: FIONREAD on a socket in a sockmap counted only the TCP receive queue, "
+                          "not redirected data, before tcp_bpf_ioctl (0 seen on 6.1; right on 6.18)")
+def test_fionread_counts_redirected_data(bypass, cg):
+    def fionread():
         srv, cli, conn = pair()
         time.sleep(0.05)
         cli.sendall(b"0123456789")
         time.sleep(0.05)
         pending = struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0\0\0\0"))[0]
-        peeked = conn.recv(4, socket.MSG_PEEK)
-        first = conn.recv(4)
-        rest = conn.recv(100)
         close_all(srv, cli, conn)
-        return pending, peeked, first, rest
+        return pending
 
-    assert run_in(cg, semantics) == (10, b"0123", b"0123", b"456789")
+    assert run_in(cg, fionread) == 10
     assert bypass.stats()["redirected_msgs"] >= 1
 
 
@@ -660,6 +685,7 @@ def test_a_reader_that_never_reads_cannot_eat_host_memory(bypass, cg):
     assert stats["passed_peer_full"] > 0 and stats["redirected_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_detach_while_connections_carry_data_loses_nothing(cg):
     bypass = Bypass(str(cg.path)).attach()
     r, w = os.pipe()
@@ -724,6 +750,7 @@ def test_blocking_recv_sees_eof_when_the_peer_closes(bypass, cg):
     assert bypass.stats()["redirected_msgs"] >= 100
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="kernel: tcp_bpf_recvmsg() returns -EAGAIN to a blocking reader woken without "
                           "queued data, e.g. while its own socket sends on the TCP path (seen on 6.18); "
                           "see README 'Known kernel limitations'", strict=False)

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 import netbpf
-from netbpf import Link, Object
+from netbpf import Link, Object, features
 from netbpf.loader import ProgAttachment
 
 from conftest import run_in, built_object
@@ -288,6 +288,8 @@ def attached_prog_ids(group, attach_type):
 
 @pytest.mark.parametrize("use_link", [True, False], ids=["bpf_link", "prog_attach"])
 def test_sockops_and_sk_msg_attach_pin_reopen_detach(cg, pin_dir, use_link):
+    if use_link and not features.sockmap_link():
+        pytest.skip("kernel has no sockmap bpf_link (Linux 6.10+): sk_msg attaches with bpf_prog_attach")
     with Object(built_object("probe")) as obj:
         obj.load()
         sockops = obj.programs["on_sockops"].attach_cgroup(cg)
@@ -326,6 +328,18 @@ def test_tracepoint_program_counts_syscalls(probe):
     after_close = count(probe, EV_TRACEPOINT, 0)
     bind_and_name(AF_INET, "127.0.0.1", 0)
     assert count(probe, EV_TRACEPOINT, 0) == after_close
+
+
+def test_default_sk_msg_attach_uses_what_the_kernel_has(probe):
+    with probe.programs["on_sk_msg"].attach_sockmap(probe.maps["socks"]) as link:
+        assert link.kind == ("bpf_link" if features.sockmap_link() else "prog_attach")
+
+
+def test_feature_probes_agree_with_real_loads():
+    summary = features.summary()
+    assert summary["cgroup_getsockname"] and summary["cgroup_sock_release"]  # the probe object needs them
+    with Object(built_object("probe")) as obj:
+        obj.load()  # would fail without the hooks the probes report
 
 
 def test_libbpf_version_names_the_library():

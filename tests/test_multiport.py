@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netbpf import features
 from netbpf.multiport import Multiport
 
 from clitools import attached_programs, run_cli
@@ -182,6 +183,7 @@ def bind_port(port, host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_10000_bind_close_cycles_leave_the_maps_empty(cg, vport):
     with Multiport(str(cg.path), [vport]) as mp:
         def churn():
@@ -193,6 +195,7 @@ def test_10000_bind_close_cycles_leave_the_maps_empty(cg, vport):
         assert len(mp.obj.maps["mappings"]) == 0 and len(mp.obj.maps["real_ports"]) == 0
 
 
+@pytest.mark.slow
 def test_many_live_remapped_sockets(cg, vport):
     count = 2000
 
@@ -241,15 +244,35 @@ def test_privileged_ports_need_allow_privileged(cg, pin_dir):
 
 
 def test_tracepoint_mode_refused_under_lockdown_in_one_line(cg, pin_dir, vport):
+    if features.probe_write_user():
+        pytest.skip("kernel allows bpf_probe_write_user (no lockdown): nothing to refuse")
     result = run_cli("multiport", "attach", "--mode", "tracepoint", "--cgroup", cg.path,
                      "--pin-dir", pin_dir / "mp", "--port", vport)
-    if result.returncode == 0:
-        run_cli("multiport", "detach", "--pin-dir", pin_dir / "mp")
-        pytest.skip("this kernel allows bpf_probe_write_user (no lockdown): tracepoint mode is tested in the VM")
     assert result.returncode == 2
     assert "bpf_probe_write_user" in result.stderr and "--mode cgroup" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert attached_programs(cg.path) == {} and not (pin_dir / "mp").exists()
+
+
+def test_tracepoint_mode_rewrites_getsockname(cg, vport, pin_dir):
+    """The original design: binds through the cgroup hook, getsockname() rewritten in user memory."""
+    if not features.probe_write_user():
+        pytest.skip("kernel lockdown refuses bpf_probe_write_user (tracepoint mode runs in the 6.1 VM)")
+    pins = pin_dir / "mp"
+    result = run_cli("multiport", "attach", "--mode", "tracepoint", "--cgroup", cg.path, "--pin-dir", pins,
+                     "--port", vport)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert "mp_getsockname4" not in os.listdir(pins) and "mp_tp_exit_getsockname" in os.listdir(pins)
+        with Servers(cg) as servers:
+            names = {servers.start("tcp", "127.0.0.1", vport)["port"] for _ in range(3)}
+            real = ss_listening_ports([s["pid"] for s in servers.info])
+            status = json.loads(run_cli("multiport", "status", "--json", "--pin-dir", pins).stdout)
+        assert names == {vport} and len(set(real.values())) == 3
+        assert status["mode"] == "tracepoint" and status["names_rewritten"] >= 3
+    finally:
+        assert run_cli("multiport", "detach", "--pin-dir", pins).returncode == 0
+    assert attached_programs(cg.path) == {}
 
 
 def test_exec_gives_each_command_its_own_port_namespace(cg, vport):

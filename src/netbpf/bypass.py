@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import cgroup, tool
+from . import cgroup, features, tool
 from .errors import UsageError
 from .loader import open_pinned_link
 
@@ -145,7 +145,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
         return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "sockops"), "pin_dir": str(pin_dir),
                 "scope": {v: k for k, v in SCOPES.items()}[config.scope],
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
-                "queue_floor": config.queue_floor, "sk_msg_attach": mechanism,
+                "queue_floor": config.queue_floor, "sk_msg_attach": mechanism, "kernel": features.summary(),
                 "listeners": len(maps["listeners"]), **_stats(maps)}
 
 

@@ -99,6 +99,14 @@ ffi.cdef(
         uint64_t data[4];   /* per link type: cgroup = {cgroup_id, attach_type}; sockmap = {map_id | attach_type << 32} */
     };
 
+    /* feature probes */
+    struct bpf_insn { uint8_t code; uint8_t regs; int16_t off; int32_t imm; };
+    struct bpf_prog_load_opts { size_t sz; int attempts; int expected_attach_type; };
+    int bpf_prog_load(int prog_type, const char *name, const char *license, const struct bpf_insn *insns,
+                      size_t insn_cnt, const struct bpf_prog_load_opts *opts);
+    int bpf_map_create(int map_type, const char *name, uint32_t key_size, uint32_t value_size,
+                       uint32_t max_entries, const void *opts);
+
     /* libc: the print callback's va_list is formatted here (cffi cannot declare va_list). */
     int vsnprintf(char *str, size_t size, const char *format, void *ap);
     """

@@ -313,8 +313,11 @@ class Link:
         self._fd = None
 
     def detach(self):
-        """End the attachment now, pinned or not, and remove the pin."""
-        check(lib.bpf_link_detach(self.fd), f"detach link of {self.program}")
+        """End the attachment now, pinned or not, and remove the pin. Links without a detach
+        operation (perf-event links before 6.x) end when the pin and this handle are gone."""
+        ret = lib.bpf_link_detach(self.fd)
+        if ret < 0 and -ret not in (errno.EOPNOTSUPP, errno.EINVAL, 524):
+            raise LibbpfError(f"detach link of {self.program}", ret)
         self.unpin()
         self.close()
 

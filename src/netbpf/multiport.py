@@ -14,8 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
-from . import cgroup, tool
-from .errors import UsageError, VerifierError
+from . import cgroup, features, tool
+from .errors import UsageError
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
 MAPS = ("virtual_ports", "mappings", "real_ports", "config_map", "counters")
@@ -62,13 +62,16 @@ class Multiport(tool.Attachment):
             prog.autoload = name in wanted
 
     def _load(self):
-        try:
-            self.obj.load()
-        except VerifierError as exc:
-            if self.mode == "tracepoint" and "bpf_probe_write_user" in exc.log:
-                raise UsageError("--mode tracepoint needs bpf_probe_write_user, which this kernel refuses "
-                                 f"({lockdown_state()}); use the default --mode cgroup") from None
-            raise
+        """Name what the kernel lacks in one line instead of a verifier log."""
+        if self.mode == "tracepoint" and not features.probe_write_user():
+            raise UsageError("--mode tracepoint needs bpf_probe_write_user, which this kernel refuses "
+                             f"(kernel lockdown: {features.lockdown()}); use the default --mode cgroup")
+        if self.mode == "cgroup" and not features.cgroup_hook("getsockname4"):
+            raise UsageError("this kernel has no cgroup getsockname hooks (Linux 5.8+); "
+                             "try --mode tracepoint")
+        if not features.cgroup_hook("sock_release"):
+            raise UsageError("this kernel has no cgroup sock_release hook (Linux 5.9+) to forget closed sockets")
+        self.obj.load()
 
     def _configure(self, maps):
         for port in self.ports:
@@ -96,15 +99,6 @@ class Multiport(tool.Attachment):
         return _mappings(self.obj.maps["mappings"])
 
 
-def lockdown_state():
-    """'kernel lockdown: integrity', or what is known when securityfs is not mounted."""
-    try:
-        text = Path("/sys/kernel/security/lockdown").read_text()
-    except OSError:
-        return "kernel lockdown, or a kernel without the helper"
-    return "kernel lockdown: " + (text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip())
-
-
 def _mappings(mappings_map):
     out = []
     for _, m in sorted(mappings_map.items(), key=lambda kv: (kv[1].virtual_port, kv[1].real_port)):
@@ -129,7 +123,9 @@ def status(pin_dir=DEFAULT_PIN_DIR):
     with Multiport.pinned_maps(pin_dir) as maps:
         mode = "tracepoint" if (pin_dir / TRACEPOINT_PROGRAMS[0]).exists() else "cgroup"
         return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "mp_bind4"), "pin_dir": str(pin_dir),
-                "mode": mode, "allow_privileged": bool(maps["config_map"][0].allow_privileged),
+                "mode": mode, "getsockname_via": {"cgroup": "cgroup getsockname4/6 hooks",
+                                                  "tracepoint": "syscall tracepoints + bpf_probe_write_user"}[mode],
+                "kernel": features.summary(), "allow_privileged": bool(maps["config_map"][0].allow_privileged),
                 "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
 
 

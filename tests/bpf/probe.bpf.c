@@ -51,7 +51,9 @@ struct {
 	__type(value, struct remap);
 } remap_config SEC(".maps");
 
-static void record(__u32 ev, __u32 family, __u16 port)
+/* with_task: the program type may call bpf_get_current_pid_tgid/comm (sockops and sk_msg
+ * could not before 6.x kernels) */
+static __always_inline void record_event(__u32 ev, __u32 family, __u16 port, int with_task)
 {
 	struct event_key key = { .event = ev, .family = family };
 	struct event_value init = {}, *val;
@@ -64,14 +66,18 @@ static void record(__u32 ev, __u32 family, __u16 port)
 			return;
 	}
 	__sync_fetch_and_add(&val->count, 1);
-	val->last_pid = bpf_get_current_pid_tgid() >> 32;
 	val->last_port = port;
-	bpf_get_current_comm(val->comm, sizeof(val->comm));
+	if (with_task) {
+		val->last_pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(val->comm, sizeof(val->comm));
+	}
 
 	__u64 *pc = bpf_map_lookup_elem(&percpu_counts, &ev);
 	if (pc)
 		*pc += 1;
 }
+
+#define record(ev, family, port) record_event(ev, family, port, 1)
 
 SEC("cgroup/bind4")
 int on_bind4(struct bpf_sock_addr *ctx)
@@ -163,7 +169,7 @@ int on_sockops(struct bpf_sock_ops *skops)
 	    skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 		__u64 cookie = bpf_get_socket_cookie(skops);
 
-		record(EV_SOCKOPS_ESTABLISHED, skops->family, skops->local_port);
+		record_event(EV_SOCKOPS_ESTABLISHED, skops->family, skops->local_port, 0);
 		bpf_sock_hash_update(skops, &socks, &cookie, BPF_ANY);
 	}
 	return 1;
@@ -172,7 +178,7 @@ int on_sockops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int on_sk_msg(struct sk_msg_md *msg)
 {
-	record(EV_SK_MSG, msg->family, msg->local_port);
+	record_event(EV_SK_MSG, msg->family, msg->local_port, 0);
 	return SK_PASS;
 }
 

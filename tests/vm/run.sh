@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# make vmtest: the test suite on a second kernel. Boots Debian's linux-image-amd64 (6.1 on Debian
+# 12) under QEMU with software emulation (virtme-ng, the host's root file system read-only) and
+# runs the tests inside, leaving out the ones marked slow (bulk transfers and 10,000-cycle churn
+# take 10-50x longer under emulation; they run on the host kernel). Installs what it needs.
+# Prints the kernel and the pytest summary; exits non-zero when a test fails.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+python=$(python3 -c 'import sys; print(sys.executable)')
+export PATH="$(dirname "$python"):$PATH"  # virtme-ng's commands live beside the interpreter
+
+kernel=${VM_KERNEL:-$(ls /boot/vmlinuz-6.1* 2>/dev/null | sort -V | tail -n 1 || true)}
+if [ -z "$kernel" ] || ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-system-x86 linux-image-amd64 busybox-static >/dev/null
+    kernel=${VM_KERNEL:-$(ls /boot/vmlinuz-6.1* | sort -V | tail -n 1)}
+fi
+command -v vng >/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 "$python" -m pip install -q virtme-ng
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+started=$(date +%s)
+# The guest writes the exit status of pytest where the host can read it: a file in /tmp would
+# stay inside the guest, so it goes to the console and is picked out of the log.
+vng --disable-kvm -r "$kernel" --cpus 2 --memory 4G --exec \
+    "cd $repo && echo \"vm kernel: \$(uname -r), lockdown: \$(cat /sys/kernel/security/lockdown 2>/dev/null)\" && \
+     $python -m pytest -p no:cacheprovider -q -m 'not slow' --benchmark-disable ${PYTEST_ARGS:-} tests; \
+     echo \"vm pytest exit status: \$?\"" 2>&1 | tee "$log"
+echo "vm run time: $(( $(date +%s) - started )) s"
+status=$(sed -n 's/^vm pytest exit status: \([0-9]*\).*/\1/p' "$log" | tail -n 1)
+[ "$status" = 0 ] || { echo "vmtest: tests failed in the VM (status ${status:-unknown})" >&2; exit 1; }
