@@ -24,6 +24,16 @@ _counter = itertools.count()
 from netbpf import cgroup  # noqa: E402  (after the path set-up above)
 
 
+def pytest_report_header(config):
+    import platform
+
+    import netbpf
+    from netbpf import features
+
+    return [f"netbpf: libbpf {netbpf.libbpf_version()}, kernel {platform.release()}",
+            f"netbpf: kernel features {features.summary()}"]
+
+
 def pytest_configure(config):
     if os.geteuid() != 0:
         pytest.exit("the netbpf tests load BPF programs into the running kernel: run them as root", 2)
