@@ -512,7 +512,7 @@ def test_fionread_counts_redirected_data(bypass, cg):
 
 
 @pytest.mark.xfail(reason="kernel: tcp_bpf_recvmsg() returns what the redirected queue holds and does "
-                          "not wait for MSG_WAITALL (seen on 6.18); see README 'Known kernel limitations'",
+                          "not wait for MSG_WAITALL (seen on 6.1 and 6.18); see README 'Known kernel limitations'",
                    strict=False)
 def test_msg_waitall_waits_for_the_whole_length(bypass, cg):
     def waitall():

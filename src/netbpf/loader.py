@@ -25,7 +25,7 @@ from elftools.elf.elffile import ELFFile
 from . import btf as _btf
 from .cgroup import ensure_tracefs
 from .errors import LibbpfError, ObjectFileError, VerifierError, check, check_ptr
-from .libbpf import ffi, lib, libc
+from .libbpf import ffi, has, lib, libc
 
 # enum bpf_prog_type / bpf_map_type / bpf_attach_type values used here (uapi, stable)
 PROG_TRACEPOINT, PROG_SOCK_OPS, PROG_SK_MSG = 5, 13, 16
@@ -241,15 +241,23 @@ class Program:
     def attach_sockmap(self, sockmap, use_link=None):
         """Attach an sk_msg program to a SOCKMAP/SOCKHASH.
 
-        A real bpf_link when the kernel has sockmap links (6.10+), else the older bpf_prog_attach
-        wrapped in a ProgAttachment with the same interface. use_link=True/False forces one.
+        A real bpf_link when the kernel has sockmap links (6.10+): through libbpf's
+        bpf_program__attach_sockmap() where libbpf has it (1.5+), else bpf_link_create(). Without
+        sockmap links, the older bpf_prog_attach wrapped in a ProgAttachment with the same
+        interface. use_link=True/False forces one kind.
         """
         target_fd = sockmap.fd
         attach_type = SK_MSG_VERDICT if self.type == PROG_SK_MSG else self.attach_type
         if use_link is not False:
-            fd = lib.bpf_link_create(self.fd, target_fd, attach_type, ffi.NULL)
-            if fd >= 0:
-                return self._track(Link(fd, self.name))
+            if has("bpf_program__attach_sockmap"):
+                ptr = lib.bpf_program__attach_sockmap(self._prog, target_fd)
+                fd = lib.bpf_link__fd(ptr) if ptr != ffi.NULL else -(ffi.errno or errno.EINVAL)
+                if fd >= 0:
+                    return self._track(Link(fd, self.name, libbpf_link=ptr))
+            else:
+                fd = lib.bpf_link_create(self.fd, target_fd, attach_type, ffi.NULL)
+                if fd >= 0:
+                    return self._track(Link(fd, self.name))
             if use_link or -fd not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
                 raise LibbpfError(f"attach {self.name} to map {sockmap.name} with a bpf_link", fd)
         check(lib.bpf_prog_attach(self.fd, target_fd, attach_type, 0),
