@@ -180,16 +180,23 @@ int mp_post_bind6(struct bpf_sock *sk)
 
 /* --- names --- */
 
-static __always_inline int on_getsockname(struct bpf_sock_addr *ctx)
+/* Show the virtual port where the address read back holds the real one: our own port
+ * (getsockname) or, for a redirected client, the peer's (getpeername). */
+static __always_inline int show_virtual_port(struct bpf_sock_addr *ctx, int peer)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct sock_state *state;
+	__u16 virtual, real;
 
 	if (!sk)
 		return 1;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (state && state->virtual_port && bpf_ntohs(ctx->user_port) == state->real_port) {
-		ctx->user_port = bpf_htons(state->virtual_port);
+	if (!state)
+		return 1;
+	virtual = peer ? state->peer_virtual : state->virtual_port;
+	real = peer ? state->peer_real : state->real_port;
+	if (virtual && bpf_ntohs(ctx->user_port) == real) {
+		ctx->user_port = bpf_htons(virtual);
 		COUNT(names_rewritten);
 	}
 	return 1;
@@ -198,40 +205,25 @@ static __always_inline int on_getsockname(struct bpf_sock_addr *ctx)
 SEC("cgroup/getsockname4")
 int mp_getsockname4(struct bpf_sock_addr *ctx)
 {
-	return on_getsockname(ctx);
+	return show_virtual_port(ctx, 0);
 }
 
 SEC("cgroup/getsockname6")
 int mp_getsockname6(struct bpf_sock_addr *ctx)
 {
-	return on_getsockname(ctx);
-}
-
-static __always_inline int on_getpeername(struct bpf_sock_addr *ctx)
-{
-	struct bpf_sock *sk = ctx->sk;
-	struct sock_state *state;
-
-	if (!sk)
-		return 1;
-	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
-	if (state && state->peer_virtual && bpf_ntohs(ctx->user_port) == state->peer_real) {
-		ctx->user_port = bpf_htons(state->peer_virtual);
-		COUNT(names_rewritten);
-	}
-	return 1;
+	return show_virtual_port(ctx, 0);
 }
 
 SEC("cgroup/getpeername4")
 int mp_getpeername4(struct bpf_sock_addr *ctx)
 {
-	return on_getpeername(ctx);
+	return show_virtual_port(ctx, 1);
 }
 
 SEC("cgroup/getpeername6")
 int mp_getpeername6(struct bpf_sock_addr *ctx)
 {
-	return on_getpeername(ctx);
+	return show_virtual_port(ctx, 1);
 }
 
 /* --- clients: pick one listener of the virtual port, uniformly (reservoir sampling) --- */
