@@ -69,7 +69,10 @@ def pin_dir():
 
 
 def remove_pins(path):
-    """Unlink every pin below `path` (deepest first), then the directories."""
+    """Unlink every pin below `path` (deepest first), then the directories. A tool's detach may
+    have removed `path` itself already (it removes pin directories it leaves empty)."""
+    if not Path(path).exists():
+        return
     for sub in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
         sub.rmdir() if sub.is_dir() else sub.unlink()
     Path(path).rmdir()

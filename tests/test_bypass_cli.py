@@ -33,7 +33,7 @@ def test_help_names_the_commands():
 
 
 def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
-    pins = pin_dir / "bypass"
+    pins = pin_dir / "netbpf" / "bypass"  # nested, like the default /sys/fs/bpf/netbpf/bypass
     result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins, "--ports", "1-65535")
     assert result.returncode == 0, result.stderr
     assert "sock_ops" in attached_programs(cg.path)
@@ -58,7 +58,7 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
     result = run_cli("bypass", "detach", "--pin-dir", pins)
     assert result.returncode == 0, result.stderr
     assert attached_programs(cg.path) == {}
-    assert not pins.exists()
+    assert not pins.exists() and not pins.parent.exists()  # no empty directory left either
     bpftool = subprocess.run(["bpftool", "cgroup", "show", str(cg.path)], capture_output=True, text=True)
     assert "bypass" not in bpftool.stdout
     status = json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)

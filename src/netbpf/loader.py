@@ -298,8 +298,13 @@ class Link:
         return self._fd is None
 
     def info(self):
+        """id, type and program id; for a cgroup link also the cgroup id (its directory's inode)."""
         info = _obj_info(self.fd, "bpf_link_info")
-        return {"id": info.id, "type": LINK_TYPE_NAMES.get(info.type, str(info.type)), "prog_id": info.prog_id}
+        kind = LINK_TYPE_NAMES.get(info.type, str(info.type))
+        out = {"id": info.id, "type": kind, "prog_id": info.prog_id}
+        if kind == "cgroup":
+            out["cgroup_id"] = info.data[0]
+        return out
 
     def pin(self, path):
         check(lib.bpf_obj_pin(self.fd, str(path).encode()), f"pin link of {self.program} at {path}")

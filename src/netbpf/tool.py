@@ -100,21 +100,13 @@ def cgroup_path_of_id(cgroup_id):
 
 def link_cgroup(path):
     """The cgroup a pinned cgroup link is attached to (from the kernel's link info)."""
-    link = open_pinned_link(path)
-    try:
-        from .libbpf import ffi, lib
-
-        info = ffi.new("struct bpf_link_info *")
-        size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
-        if lib.bpf_obj_get_info_by_fd(link.fd, info, size) < 0:
-            return None
-        return cgroup_path_of_id(info.data[0])
-    finally:
-        link.close()
+    with open_pinned_link(path) as link:
+        return cgroup_path_of_id(link.info()["cgroup_id"])
 
 
 def unpin_all(pin_dir, link_names, map_names):
-    """Detach the pinned links (even if another holder keeps them alive) and remove every pin."""
+    """Detach the pinned links (even if another holder keeps them alive), remove every pin, and
+    the pin directory with the parents that are left empty below the bpffs mount."""
     pin_dir = Path(pin_dir)
     for name in link_names:
         if (pin_dir / name).exists():
@@ -122,10 +114,13 @@ def unpin_all(pin_dir, link_names, map_names):
     for name in map_names:
         if (pin_dir / name).exists():
             (pin_dir / name).unlink()
-    try:
-        pin_dir.rmdir()
-    except OSError:
-        pass
+    for directory in (pin_dir, *pin_dir.parents):
+        if str(directory) == cgroup.BPFFS or not cgroup.is_bpffs(directory):
+            break
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: someone else's pins live there
+            break
 
 
 def open_pinned_maps(pin_dir, obj, names):
