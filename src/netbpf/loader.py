@@ -202,13 +202,9 @@ class Program:
             raise LibbpfError(f"program {self.name} is not loaded", errno.EBADF)
         return fd
 
-    @property
-    def autoload(self):
-        raise AttributeError("autoload is write-only")
-
-    @autoload.setter
-    def autoload(self, value):
-        check(lib.bpf_program__set_autoload(self._prog, bool(value)), f"set autoload of {self.name}")
+    def set_autoload(self, load):
+        """Whether Object.load() loads this program (before load only)."""
+        check(lib.bpf_program__set_autoload(self._prog, bool(load)), f"set autoload of {self.name}")
 
     @property
     def id(self):

@@ -59,7 +59,7 @@ class Multiport(tool.Attachment):
     def _prepare(self, obj):
         wanted = set(self._programs())
         for name, prog in obj.programs.items():
-            prog.autoload = name in wanted
+            prog.set_autoload(name in wanted)
 
     def _load(self):
         """Name what the kernel lacks in one line instead of a verifier log."""
