@@ -18,7 +18,7 @@ ARCH    := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/' -e 's
 
 # build, then what the tests and the experiments drive (redis, perf)
 DEB_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc iproute2 \
-                python3-pip redis-server redis-tools
+                python3-pip redis-server redis-tools iperf3 sockperf
 
 ifeq ($(V),1)
 Q :=

@@ -6,7 +6,8 @@ Every configuration runs the three variants interleaved (plain, bypass, unix, pl
 for several repetitions in one sitting, so that the machine's drift hits all three alike. Plain
 and bypass run in two child cgroups made here, the bypass attached to one of them; both are
 removed at the end. Reported: medians over repetitions, their spread (min-max), and the ratios
-bypass/plain and bypass/unix. Real peers (redis-benchmark, sockperf, iperf3) run when installed.
+bypass/plain and bypass/unix. Real peers (redis-benchmark, iperf3, sockperf) run when installed,
+as a check that the numbers are not an artefact of our own client.
 
 Writes DIR/results.json, DIR/results.md and, with matplotlib, DIR/latency.png and DIR/ratio.png.
 """
@@ -112,6 +113,49 @@ class Bench:
                 proc.wait()
 
 
+    def peer(self, label, server_argv, client_argv, parse):
+        """A real server/client pair, plain vs bypass, interleaved (AF_UNIX has no equivalent).
+        server_argv/client_argv take the port; parse(client stdout) -> {metric: value}."""
+        def run(variant):
+            if variant == "unix":
+                return {}
+            port = free_port()
+            group = self.group(variant)
+            server = group.popen(server_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for_port(port)
+                client = group.popen(client_argv(port), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+                return parse(client.communicate(timeout=120)[0])
+            finally:
+                server.terminate()
+                server.wait()
+
+        return self.interleaved(label, run)
+
+    def iperf3(self):
+        if not shutil.which("iperf3"):
+            return None
+        seconds = "1" if self.quick else "3"
+        return self.peer("iperf3", lambda port: ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
+                         lambda port: ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", seconds, "-J"],
+                         lambda out: {"gbit_per_s": json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9})
+
+    def sockperf(self):
+        if not shutil.which("sockperf"):
+            return None
+        seconds = "1" if self.quick else "3"
+
+        def parse(out):
+            p50 = next(float(line.split("=")[-1]) for line in out.splitlines() if "percentile 50.000" in line)
+            return {"half_rtt_p50_us": p50}
+
+        return self.peer("sockperf ping-pong 1 KiB",
+                         lambda port: ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)],
+                         lambda port: ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
+                                       "-t", seconds, "-m", "1024"], parse)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,13 +163,14 @@ def free_port():
 
 
 def wait_for_port(port, timeout=10):
+    """Wait until something listens on the port, without connecting (iperf3 -1 would take a
+    probe connection for its one client)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.strip():
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port}")
 
 
@@ -160,7 +205,7 @@ def run_all(args):
     sizes = [64, 1024, 16384, 65536] if not args.quick else [64, 1024, 65536]
     placements = ["same", "cross"]
     concurrency = [1, 8, 64] if not args.quick else [1, 8]
-    bench.total = args.reps * 3 * (len(sizes) * len(placements) + len(concurrency) - 1 + 2 + 1)
+    bench.total = args.reps * 3 * (len(sizes) * len(placements) + len(concurrency) - 1 + 2 + 3)
     report = {"machine": machine(), "reps": args.reps, "latency": [], "concurrency": [], "stream": []}
     try:
         for placement in placements:
@@ -184,6 +229,12 @@ def run_all(args):
         if redis:
             report["redis"] = [{"test": t, "summary": summarize(redis, t), "ratios": ratios(summarize(redis, t))}
                                for t in ("SET", "GET")]
+        report["peers"] = []
+        for name, metric, results in (("iperf3 Gbit/s", "gbit_per_s", bench.iperf3()),
+                                      ("sockperf half-RTT p50 (µs)", "half_rtt_p50_us", bench.sockperf())):
+            if results:
+                summary = summarize(results, metric)
+                report["peers"].append({"test": name, "summary": summary, "ratios": ratios(summary)})
         report["bypass_counters"] = bench.bypass.stats()
     finally:
         bench.close()
@@ -217,6 +268,8 @@ def markdown(report):
         row("stream MB/s", e["size"], e["placement"], e)
     for e in report.get("redis", []):
         row(f"redis-benchmark {e['test']} req/s", "-", "any", e)
+    for e in report.get("peers", []):
+        row(e["test"], "-", "any", e)
     return "\n".join(lines) + "\n"
 
 
