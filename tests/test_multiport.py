@@ -163,16 +163,36 @@ def test_udp_bind_getsockname_and_echo_through_the_virtual_port(cg, vport):
 
 
 def test_what_is_left_alone(cg, vport):
+    """A port not in the set, a process outside the cgroup, and a socket of the cgroup bound
+    before attach keep their ports; a new bind in the cgroup is remapped even though that early
+    socket holds the virtual port."""
     other = free_port()
-    early = socket.socket()  # bound before attach, by a process outside the cgroup
-    early.bind(("127.0.0.1", 0))
+    bound_r, bound_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def early_socket():
+        with socket.socket() as early:
+            early.bind(("127.0.0.1", vport))
+            early.listen()
+            os.write(bound_w, b"x")
+            os.read(go_r, 1)  # multiport is attached now
+            new = bind_port(vport)  # would be EADDRINUSE without the remap
+            return early.getsockname()[1], new
+
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(result=run_in(cg, early_socket)))
+    t.start()
+    os.read(bound_r, 1)
     outside = socket.socket()
     with Multiport(str(cg.path), [vport]) as mp:
+        os.write(go_w, b"x")
+        t.join()
+        assert holder["result"] == (vport, vport)
+        assert mp.stats()["binds_remapped"] == 1  # the new bind only, not the early socket
         assert run_in(cg, bind_port, other) == other  # not a virtual port
+        outside.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         outside.bind(("127.0.0.1", vport))  # this process is not in the cgroup
-        assert outside.getsockname()[1] == vport
-        assert mp.stats()["binds_remapped"] == 0 and mp.mappings() == []
-    early.close()
+        assert outside.getsockname()[1] == vport and mp.stats()["binds_remapped"] == 1
     outside.close()
 
 
