@@ -1,16 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0
-/* bypass: local TCP connections skip the TCP/IP stack.
+/* bypass: local TCP connections skip the TCP/IP stack, and no program can tell.
  *
- * sockops puts each established socket whose peer is local into sock_map, keyed by its full
- * tuple, when both ends of the connection join (enum sock_join in bypass.h says how). sk_msg, run on every send of a socket in the map, moves the message straight into the
- * peer socket's receive queue (bpf_msg_redirect_hash with BPF_F_INGRESS) when that is safe, and
- * otherwise lets it take the normal TCP path. Redirection is safe when:
- *   - the peer is in the map;
- *   - the peer has read everything we ever sent the TCP way (our write_seq == its copied_seq):
- *     the receiver drains redirected data before its TCP queue, so redirecting while TCP data is
- *     unread would reorder the stream;
- *   - the peer's receive queue is under its limit: the redirect path has no backpressure of its
- *     own, so past the limit sends go the TCP way, whose window stops the sender.
+ * Any socket in a sockhash gets the kernel's tcp_bpf receive path, which differs from TCP for
+ * blocking readers (a signal or any wake-up without data turns a blocking recv() into EAGAIN)
+ * and splicing readers (splice never sees redirected data). So a socket joins only when netbpf
+ * has seen how its owner reads it (enum sock_state in bypass.h):
+ *
+ *   sockops       records each established socket of the cgroup in sock_info (WAITING);
+ *   bypass_join   an iter/tcp program the agent runs: moves a socket to READY once its file is
+ *                 non-blocking and its owner has read from it without splice, inserts it into
+ *                 sock_map once its peer is READY too, and takes a JOINED socket out again, once
+ *                 its redirected queue is read, when it turns blocking or spliced or on detach;
+ *   tracepoints   mark a socket read with splice() or used as sendfile()'s source, and its
+ *                 service, whose later connections then stay plain;
+ *   sk_msg        on every send of a socket in the map, moves the message straight into the
+ *                 peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that is safe,
+ *                 and otherwise lets it take the normal TCP path. It is safe when
+ *                   - the peer is JOINED and still reads as it did when it joined;
+ *                   - the peer has read everything we ever sent the TCP way (our write_seq ==
+ *                     its copied_seq): the receiver drains redirected data before its TCP queue;
+ *                   - the peer's receive queue is under its limit: the redirect path has no
+ *                     backpressure of its own, so past the limit sends go the TCP way.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
@@ -19,6 +29,13 @@
 
 #include "netbpf.h"
 #include "bypass.h"
+
+#define O_NONBLOCK 04000
+/* sk_user_data holds the psock with flag bits in its low bits (SK_USER_DATA_*) */
+#define SK_USER_DATA_PTRMASK (~7UL)
+/* a leaving socket stays this long after its queue was last seen empty: a redirect that
+ * passed sk_msg's check just before the socket started leaving may still be on its way */
+#define LEAVE_GRACE_NS (50 * 1000 * 1000ULL)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -34,12 +51,13 @@ struct {
 	__type(value, struct sock_info);
 } sock_info SEC(".maps");
 
+/* server ports whose connections were read with splice: their later connections stay plain */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct listener_key);
-	__type(value, __u64); /* how many sockets listen there (SO_REUSEPORT) */
-} listeners SEC(".maps");
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} spliced_services SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -47,6 +65,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct bypass_config);
 } config_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bypass_control);
+} control SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -75,6 +100,21 @@ static __always_inline struct bypass_counters *counters_here(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+static __always_inline struct bypass_config *config_here(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config_map, &zero);
+}
+
+static __always_inline int detaching(void)
+{
+	__u32 zero = 0;
+	struct bypass_control *ctl = bpf_map_lookup_elem(&control, &zero);
+
+	return !ctl || ctl->detaching;
 }
 
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4, so that a v6 socket talking to a v4 one
@@ -124,6 +164,22 @@ static __noinline void key_of_sockops(struct bpf_sock_ops *skops, struct sock_ke
 	FILL_KEY(key, skops);
 }
 
+/* The same key read from a struct sock (iterator, tracepoints). */
+static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
+{
+	key->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (key->family == AF_INET) {
+		key->local_ip[0] = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		key->remote_ip[0] = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO(&key->local_ip, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32);
+		BPF_CORE_READ_INTO(&key->remote_ip, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32);
+	}
+	key->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	key->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	normalize(key);
+}
+
 /* The key of the other end of the connection: the same tuple seen from there. */
 static __always_inline void peer_of(const struct sock_key *key, struct sock_key *peer)
 {
@@ -166,153 +222,286 @@ static __always_inline int port_allowed(const struct bypass_config *cfg, const s
 	return !cfg->ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
 }
 
-static __always_inline void listener_of(struct listener_key *lk, const struct sock_key *key, int remote)
+/* Why this socket's owner would notice tcp_bpf's receive path now; REASON_NONE when it would
+ * not. Read live on every check: a program may change its socket at any time. */
+static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_info *info,
+					   const struct bypass_config *cfg)
 {
-	lk->family = key->family;
-	__builtin_memcpy(lk->ip, remote ? key->remote_ip : key->local_ip, sizeof(lk->ip));
-	lk->port = remote ? key->remote_port : key->local_port;
+	struct file *file = BPF_CORE_READ(sk, sk_socket, file);
+
+	if (info->spliced)
+		return REASON_SPLICED;
+	if (!file)
+		return REASON_NO_FILE;
+	if (!(BPF_CORE_READ(file, f_flags) & O_NONBLOCK) && !cfg->allow_blocking)
+		return REASON_BLOCKING;
+	if (BPF_CORE_READ(sk, sk_rcvlowat) > 1)
+		return REASON_RCVLOWAT;
+	return REASON_NONE;
 }
 
-static __always_inline void on_listen(struct bpf_sock_ops *skops)
+/* Whether the owner has read anything from the socket (by recv or read: a splice would have
+ * marked it spliced first, in the tracepoint that runs before the syscall). */
+static __always_inline int has_read(struct tcp_sock *tp)
 {
-	struct listener_key lk = {};
-	struct sock_key key = {};
-	__u64 one = 1, *count;
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	__u32 unread = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
 
-	key_of_sockops(skops, &key);
-	listener_of(&lk, &key, 0);
-	count = bpf_map_lookup_elem(&listeners, &lk);
-	if (count)
-		__sync_fetch_and_add(count, 1);
-	else
-		bpf_map_update_elem(&listeners, &lk, &one, BPF_NOEXIST);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	return received > unread;
 }
 
-static __always_inline void on_listener_closed(struct bpf_sock_ops *skops)
+/* Whether redirected data waits in the socket's psock for its reader, or a sender is handing
+ * some over right now (it holds a psock reference besides the map's). */
+static __always_inline int psock_busy(struct sock *sk)
 {
-	struct listener_key lk = {};
-	struct sock_key key = {};
-	__u64 *count;
+	__u64 user_data = (__u64)BPF_CORE_READ(sk, sk_user_data) & SK_USER_DATA_PTRMASK;
+	struct sk_psock *psock = (struct sk_psock *)user_data;
+	struct list_head *head;
 
-	key_of_sockops(skops, &key);
-	listener_of(&lk, &key, 0);
-	count = bpf_map_lookup_elem(&listeners, &lk);
-	if (count && __sync_fetch_and_add(count, -1) <= 1)
-		bpf_map_delete_elem(&listeners, &lk);
+	if (!psock)
+		return 0;
+	head = (struct list_head *)((char *)psock + bpf_core_field_offset(struct sk_psock, ingress_msg));
+	return BPF_CORE_READ(psock, ingress_msg.next) != head ||
+	       BPF_CORE_READ(psock, refcnt.refs.counter) > 1;
 }
 
-/* Is the server this client connected to a listener of the cgroup? Exact address, the family's
- * wildcard, or (IPv4 client) a dual-stack "::" listener. */
-static __always_inline int server_will_join(const struct sock_key *key)
+static __always_inline void set_state(struct sock_info *info, __u32 state, __u32 reason)
 {
-	struct listener_key lk = {};
-
-	listener_of(&lk, key, 1);
-	if (bpf_map_lookup_elem(&listeners, &lk))
-		return 1;
-	__builtin_memset(lk.ip, 0, sizeof(lk.ip));
-	if (bpf_map_lookup_elem(&listeners, &lk))
-		return 1;
-	lk.family = AF_INET6;
-	return key->family == AF_INET && bpf_map_lookup_elem(&listeners, &lk);
+	if (info->state != state)
+		info->since_ns = bpf_ktime_get_ns();
+	info->state = state;
+	info->reason = reason;
 }
 
-/* Insert this end into the map; a server end only when its client is there to confirm. */
-static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+/* --- sockops: record each established socket of the cgroup --- */
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, int passive)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct sock_key key = {}, peer_key = {};
-	struct sock_info info = {}, *client;
-	struct bypass_config *cfg;
-	__u32 zero = 0, flags = BPF_SOCK_OPS_STATE_CB_FLAG;
+	struct bypass_config *cfg = config_here();
+	struct sock_info info = {};
+	struct sock_key key = {};
+	__u32 service;
 
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return;
-	cfg = bpf_map_lookup_elem(&config_map, &zero);
-	if (!cfg || !cnt || !skops->sk)
+	if (!cfg || !cnt || !skops->sk || detaching())
 		return;
 	key_of_sockops(skops, &key);
 	if (!in_scope(cfg, &key) || !port_allowed(cfg, &key))
 		return;
 
-	if (active) {
-		if (!server_will_join(&key)) {
-			cnt->peer_not_bypassed++;
-			return;
-		}
-		info.join = JOIN_PENDING;
-		flags |= BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG; /* to hear of the first packet */
-	} else {
-		peer_of(&key, &peer_key);
-		client = bpf_map_lookup_elem(&sock_info, &peer_key);
-		if (!client || __sync_val_compare_and_swap(&client->join, JOIN_PENDING, JOIN_CONFIRMED) !=
-				       JOIN_PENDING) {
-			cnt->peer_not_bypassed++;
-			return;
-		}
-		info.join = JOIN_CONFIRMED;
-	}
+	service = passive ? key.local_port : key.remote_port;
 	info.sk = (__u64)skops->sk;
-	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_NOEXIST) ||
-	    bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
-		bpf_map_delete_elem(&sock_info, &key);
-		cnt->insert_failed++;
+	info.since_ns = bpf_ktime_get_ns();
+	info.state = STATE_WAITING;
+	info.passive = passive;
+	info.service_port = service;
+	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
+	info.reason = info.spliced ? REASON_SPLICED : passive ? REASON_NO_FILE : REASON_NOT_READ;
+	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_ANY))
 		return;
-	}
-	cnt->sockets_inserted++;
+	cnt->candidates++;
 	/* STATE_CB: hear of TCP_CLOSE and drop sock_info (the sockhash forgets closed sockets) */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | flags);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* A client end receives its first packet after establishing: by then its server end has joined
- * if it ever will. If it has not, the client leaves the map. */
-static __always_inline void on_first_packet(struct bpf_sock_ops *skops)
+static __always_inline void on_closed(struct bpf_sock_ops *skops)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct sock_key key = {};
 	struct sock_info *info;
 
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG);
 	key_of_sockops(skops, &key);
 	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || __sync_val_compare_and_swap(&info->join, JOIN_PENDING, JOIN_EVICTED) != JOIN_PENDING)
+	if (!info || info->sk != (__u64)skops->sk)
 		return;
-	bpf_map_delete_elem(&sock_map, &key);
+	if (cnt && (info->state == STATE_WAITING || info->state == STATE_READY) && info->reason < REASON_MAX)
+		cnt->closed_plain[info->reason]++;
 	bpf_map_delete_elem(&sock_info, &key);
-	if (cnt)
-		cnt->evicted_lonely++;
 }
 
 SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
-	struct sock_key key = {};
-
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		on_established(skops, 1);
-		break;
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		on_established(skops, 0);
 		break;
-	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		on_listen(skops);
-		break;
-	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
-		on_first_packet(skops);
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops, 1);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[0] == TCP_LISTEN && skops->args[1] == TCP_CLOSE) {
-			on_listener_closed(skops);
-		} else if (skops->args[1] == TCP_CLOSE) {
-			key_of_sockops(skops, &key);
-			bpf_map_delete_elem(&sock_info, &key);
-		}
+		if (skops->args[1] == TCP_CLOSE)
+			on_closed(skops);
 		break;
 	}
 	return 1;
 }
+
+/* --- the join iterator: run by the agent, one socket at a time, under the socket's lock --- */
+
+static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struct sock_key *key,
+				     struct sock_info *info, struct bypass_config *cfg,
+				     struct bypass_counters *cnt)
+{
+	struct sock_key peer_key = {};
+	struct sock_info *peer;
+	__u32 reason;
+
+	peer_of(key, &peer_key);
+	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
+	reason = peer ? reader_unsafe(sk, info, cfg) : REASON_PEER_OUTSIDE;
+	if (reason == REASON_NONE && !has_read(tp))
+		reason = REASON_NOT_READ;
+	if (reason != REASON_NONE || !peer) {
+		set_state(info, STATE_WAITING, reason);
+		return;
+	}
+	if (peer->state != STATE_READY && peer->state != STATE_JOINED) {
+		set_state(info, STATE_READY, REASON_PEER_WAITING);
+		return;
+	}
+	if (bpf_map_update_elem(&sock_map, key, tp, BPF_NOEXIST)) {
+		set_state(info, STATE_LEFT, REASON_INSERT_FAILED);
+		cnt->insert_failed++;
+		return;
+	}
+	set_state(info, STATE_JOINED, REASON_NONE);
+	cnt->sockets_inserted++;
+}
+
+/* A joined socket that turned unsafe, or all of them on detach: stop redirecting into it at
+ * once (sk_msg redirects only into JOINED peers), and take it out of the map only when its
+ * reader has taken everything redirected to it. Leaving the map drops what is still queued. */
+static __always_inline void leave_when_drained(struct sock *sk, struct sock_key *key, struct sock_info *info,
+					       struct bypass_config *cfg, struct bypass_counters *cnt)
+{
+	__u32 reason = detaching() ? REASON_DETACH : reader_unsafe(sk, info, cfg);
+
+	if (info->state == STATE_JOINED) {
+		if (reason == REASON_NONE)
+			return;
+		set_state(info, STATE_LEAVING, reason);
+		return;
+	}
+	if (psock_busy(sk)) {
+		info->since_ns = bpf_ktime_get_ns();
+		return;
+	}
+	if (bpf_ktime_get_ns() - info->since_ns < LEAVE_GRACE_NS)
+		return;
+	bpf_map_delete_elem(&sock_map, key);
+	cnt->sockets_left++;
+	if (info->reason < REASON_MAX)
+		cnt->left_by_reason[info->reason]++;
+	set_state(info, STATE_LEFT, info->reason);
+}
+
+SEC("iter/tcp")
+int bypass_join(struct bpf_iter__tcp *ctx)
+{
+	struct bypass_counters *cnt = counters_here();
+	struct bypass_config *cfg = config_here();
+	struct sock_common *skc = ctx->sk_common;
+	struct sock_key key = {};
+	struct sock_info *info;
+	struct tcp_sock *tp;
+	struct sock *sk;
+
+	if (!skc || !cnt || !cfg)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	sk = (struct sock *)tp;
+	key_of_sock(sk, &key);
+	info = bpf_map_lookup_elem(&sock_info, &key);
+	if (!info || info->sk != (__u64)sk)
+		return 0;
+
+	switch (info->state) {
+	case STATE_WAITING:
+	case STATE_READY:
+		if (detaching())
+			set_state(info, STATE_LEFT, REASON_DETACH);
+		else if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_ESTABLISHED)
+			try_join(sk, tp, &key, info, cfg, cnt);
+		break;
+	case STATE_JOINED:
+	case STATE_LEAVING:
+		leave_when_drained(sk, &key, info, cfg, cnt);
+		break;
+	}
+	return 0;
+}
+
+/* --- splice and sendfile readers --- */
+
+/* The TCP socket behind file descriptor fd of the current task, or NULL. */
+static __always_inline struct sock *tcp_sock_of_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds, *file;
+	struct socket *sock;
+	struct sock *sk;
+
+	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	/* a socket's file points at its struct socket, which points back at the file */
+	if (!sock || BPF_CORE_READ(sock, file) != file)
+		return NULL;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
+		return NULL;
+	return sk;
+}
+
+/* The owner reads this socket with splice (or sendfile): it must never receive a redirect, and
+ * its service's later connections stay plain. A joined socket starts leaving at once. */
+static __always_inline void mark_spliced(int fd)
+{
+	struct sock *sk = tcp_sock_of_fd(fd);
+	struct bypass_counters *cnt;
+	struct sock_key key = {};
+	struct sock_info *info;
+	__u64 one = 1;
+	__u32 service;
+
+	if (!sk)
+		return;
+	key_of_sock(sk, &key);
+	info = bpf_map_lookup_elem(&sock_info, &key);
+	if (!info || info->sk != (__u64)sk || info->spliced)
+		return;
+	info->spliced = 1;
+	service = info->service_port;
+	bpf_map_update_elem(&spliced_services, &service, &one, BPF_ANY);
+	cnt = counters_here();
+	if (cnt)
+		cnt->spliced++;
+}
+
+SEC("tracepoint/syscalls/sys_enter_splice")
+int bypass_splice(struct trace_event_raw_sys_enter *ctx)
+{
+	mark_spliced((int)ctx->args[0]); /* fd_in */
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int bypass_sendfile(struct trace_event_raw_sys_enter *ctx)
+{
+	mark_spliced((int)ctx->args[1]); /* in_fd */
+	return 0;
+}
+
+/* --- sk_msg: every send of a socket in the map --- */
 
 static __always_inline int pass(struct bypass_counters *cnt, __u64 *reason, __u32 size)
 {
@@ -326,25 +515,29 @@ SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
 {
 	struct bypass_counters *cnt = counters_here();
+	struct bypass_config *cfg = config_here();
 	struct sock_key key = {}, peer_key = {};
-	struct bypass_config *cfg;
 	struct sock_info *peer;
 	struct tcp_sock *self;
 	struct sock *psk;
-	__u32 zero = 0, size = msg->size;
+	__u32 size = msg->size;
 	int rmem, limit;
 
 	if (!cnt)
 		return SK_PASS;
-	cfg = bpf_map_lookup_elem(&config_map, &zero);
+	if (detaching())
+		return pass(cnt, &cnt->passed_detaching, size);
 	FILL_KEY(&key, msg);
 	peer_of(&key, &peer_key);
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	if (!peer || !cfg || !msg->sk)
+	if (!peer || peer->state != STATE_JOINED || !cfg || !msg->sk)
 		return pass(cnt, &cnt->passed_no_peer, size);
 
-	self = bpf_skc_to_tcp_sock(msg->sk);
 	psk = (struct sock *)peer->sk;
+	if (reader_unsafe(psk, peer, cfg) != REASON_NONE)
+		return pass(cnt, &cnt->passed_peer_unsafe, size);
+
+	self = bpf_skc_to_tcp_sock(msg->sk);
 	if (!self || self->write_seq != BPF_CORE_READ((struct tcp_sock *)psk, copied_seq))
 		return pass(cnt, &cnt->passed_unread_plain, size);
 
@@ -356,6 +549,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
 	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_key, BPF_F_INGRESS) != SK_PASS)
 		return pass(cnt, &cnt->redirect_failed, size);
+	peer->redirected_bytes += size;
 	cnt->redirected_msgs++;
 	cnt->redirected_bytes += size;
 	return SK_PASS;

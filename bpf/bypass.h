@@ -12,33 +12,54 @@ struct sock_key {
 	__u16 remote_port;
 };
 
-/* How a connection's two ends come to be in the map. A socket alone in the map gains nothing and
- * gets the sockmap receive path with its kernel limitations (README), so both ends join or
- * neither does. The client (active) end establishes first and joins only when it connected to a
- * listener of the cgroup (listeners map). The server end joins only if it finds its client
- * PENDING and confirms it. A client still PENDING when it receives its first packet has a server
- * that will never join: it is EVICTED. The compare-and-swap between the two makes sure nothing is
- * ever redirected into an evicted socket. */
-enum sock_join {
-	JOIN_PENDING = 1,
-	JOIN_CONFIRMED = 2,
-	JOIN_EVICTED = 3,
+/* Where a socket of the cgroup stands. Any socket in the sockhash gets the kernel's tcp_bpf
+ * receive path, which differs from TCP for blocking and splicing readers (README, "Known
+ * kernel limitations"), so a socket enters the map only once netbpf has seen how its owner
+ * reads it, and only together with its peer:
+ *
+ *   WAITING  established, plain TCP; `reason` says what it waits for
+ *   READY    qualifies; waits for its peer to qualify too
+ *   JOINED   in the sockhash; its peer may redirect into it
+ *   LEAVING  in the sockhash, no longer redirected into; leaves once its queue is read
+ *   LEFT     out of the sockhash again, plain TCP for the rest of its life
+ *
+ * sockops creates WAITING entries; the join iterator (iter/tcp, run by the agent) moves them
+ * on; sk_msg redirects only into JOINED peers. */
+enum sock_state {
+	STATE_WAITING = 1,
+	STATE_READY = 2,
+	STATE_JOINED = 3,
+	STATE_LEAVING = 4,
+	STATE_LEFT = 5,
 };
 
-/* Per-socket state kept beside the sockhash: where the socket lives in kernel memory, so that a
- * sender can read its peer's receive-side fields (the sockhash lookup cannot be used from sk_msg). */
+/* Why a socket is (still) plain TCP, or why it left the map. */
+enum plain_reason {
+	REASON_NONE = 0,
+	REASON_NO_FILE = 1,       /* accepted but not yet accept()ed: no file to judge */
+	REASON_BLOCKING = 2,      /* its file is blocking: tcp_bpf turns waits into EAGAIN */
+	REASON_NOT_READ = 3,      /* its owner has not read from it yet: splice or recv unknown */
+	REASON_SPLICED = 4,       /* read with splice/sendfile, or its service was */
+	REASON_RCVLOWAT = 5,      /* SO_RCVLOWAT set: tcp_bpf reports readiness below it */
+	REASON_PEER_OUTSIDE = 6,  /* the other end is not a socket of the cgroup */
+	REASON_DETACH = 7,        /* the bypass is being detached */
+	REASON_INSERT_FAILED = 8, /* the sockhash refused it (full) */
+	REASON_PEER_WAITING = 9,  /* it qualifies (READY); its peer does not yet */
+	REASON_MAX = 10,
+};
+
+/* Per-socket state beside the sockhash. `sk` lets a sender read its peer's receive-side
+ * fields (a sockhash lookup cannot be used from sk_msg). */
 struct sock_info {
 	__u64 sk;
-	__u64 join;  /* enum sock_join; 64 bits for compare-and-swap on every BPF CPU version */
-};
-
-/* A listening socket in the cgroup: a client end joins only when it connects to one of these, so
- * that its server end will join too. ip is zero for a wildcard bind. */
-struct listener_key {
-	__u32 family;
-	__u32 ip[4];
-	__u16 port;
-	__u16 _pad;
+	__u64 since_ns;          /* when state last changed */
+	__u64 redirected_bytes;  /* redirected into this socket */
+	__u32 state;             /* enum sock_state */
+	__u32 reason;            /* enum plain_reason */
+	__u16 service_port;      /* the server end's port: a spliced service stays plain */
+	__u8 passive;            /* the accepted (server) end */
+	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
+	__u32 _pad;
 };
 
 enum bypass_scope {
@@ -48,9 +69,16 @@ enum bypass_scope {
 };
 
 struct bypass_config {
-	__u32 scope;        /* enum bypass_scope */
-	__u32 ports_only;   /* 1: only connections with an end in allowed_ports */
-	__u32 queue_floor;  /* bytes a peer may have queued before sends fall back to TCP, at least */
+	__u32 scope;          /* enum bypass_scope */
+	__u32 ports_only;     /* 1: only connections with an end in allowed_ports */
+	__u32 queue_floor;    /* bytes a peer may have queued before sends fall back to TCP, at least */
+	__u32 allow_blocking; /* 1: blocking readers join too (the user accepts tcp_bpf's EAGAIN) */
+};
+
+/* What changes while attached. */
+struct bypass_control {
+	__u32 detaching;  /* 1: redirect nothing more; the join iterator empties the map */
+	__u32 agent_pid;  /* the process that runs the join iterator, 0 when none */
 };
 
 struct host_addr {
@@ -60,17 +88,22 @@ struct host_addr {
 
 /* Per-CPU counters; the tool sums them. */
 struct bypass_counters {
-	__u64 sockets_inserted;
-	__u64 insert_failed;        /* sockhash full or the tuple already present */
-	__u64 peer_not_bypassed;    /* an end whose peer will not join (not a listener of the cgroup) */
-	__u64 evicted_lonely;       /* client end whose server never joined: taken out again */
+	__u64 candidates;           /* established sockets of the cgroup in scope: sock_info entries */
+	__u64 sockets_inserted;     /* joined the sockhash */
+	__u64 sockets_left;         /* left it again, each after its redirected queue was read */
+	__u64 insert_failed;        /* sockhash full */
+	__u64 spliced;              /* sockets of the cgroup read with splice or sendfile */
+	__u64 closed_plain[REASON_MAX]; /* closed without ever joining, by the reason last seen */
+	__u64 left_by_reason[REASON_MAX]; /* sockets that left the map, by reason */
 	__u64 redirected_msgs;
 	__u64 redirected_bytes;
 	__u64 passed_msgs;          /* messages that took the normal TCP path, for any reason below */
 	__u64 passed_bytes;
-	__u64 passed_no_peer;       /* peer not in the map (another host, outside the cgroup, not yet) */
+	__u64 passed_no_peer;       /* peer not joined (another host, outside the cgroup, not yet) */
+	__u64 passed_peer_unsafe;   /* peer turned blocking, spliced or set SO_RCVLOWAT: stops at once */
 	__u64 passed_unread_plain;  /* the peer has not read all data that went the TCP way: order */
 	__u64 passed_peer_full;     /* the peer's receive queue is over its limit: memory bound */
+	__u64 passed_detaching;     /* detach in progress */
 	__u64 redirect_failed;      /* peer left the map between the check and the redirect */
 };
 

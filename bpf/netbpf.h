@@ -5,6 +5,7 @@
 #define AF_INET 2
 #define AF_INET6 10
 
+#define TCP_ESTABLISHED 1
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
 

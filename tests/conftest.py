@@ -7,7 +7,9 @@ its own pin directory, and both are removed in teardown even when the test fails
 import itertools
 import os
 import pickle
+import select
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -78,12 +80,32 @@ def remove_pins(path):
     Path(path).rmdir()
 
 
-def run_in(group, fn, *args):
-    """Run fn(*args) in a forked child that first joins `group`; return its result or re-raise."""
+_sync_fds = None  # in a run_in child: (request write end, answer read end)
+
+
+def sync():
+    """In a run_in child: block until the parent's on_sync() has returned (for example until the
+    bypass has taken this child's sockets into its map). Without on_sync, or outside a run_in
+    child, it returns at once."""
+    if _sync_fds is None:
+        return
+    request, answer = _sync_fds
+    os.write(request, b"s")
+    if os.read(answer, 1) != b"g":
+        raise AssertionError("the parent did not answer sync()")
+
+
+def run_in(group, fn, *args, on_sync=None):
+    """Run fn(*args) in a forked child that first joins `group`; return its result or re-raise.
+    Each sync() in the child runs on_sync() here, in the parent, while the child waits."""
+    global _sync_fds
     read_fd, write_fd = os.pipe()
+    request_r, request_w = os.pipe()
+    answer_r, answer_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_fd)
+        _sync_fds = (request_w, answer_r)
         try:
             group.add(os.getpid())
             result = ("ok", fn(*args))
@@ -92,11 +114,45 @@ def run_in(group, fn, *args):
         with os.fdopen(write_fd, "wb") as out:
             pickle.dump(result, out)
         os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    status, value = pickle.loads(data)
+    for fd in (write_fd, request_w, answer_r):
+        os.close(fd)
+    chunks, failure, watch = [], None, [read_fd, request_r]
+    try:
+        while True:
+            ready, _, _ = select.select(watch, [], [])
+            if request_r in ready:
+                if not os.read(request_r, 1):
+                    watch.remove(request_r)
+                    continue
+                try:
+                    if on_sync is not None and failure is None:
+                        on_sync()
+                except BaseException as exc:  # noqa: BLE001 - reported after the child is done
+                    failure = exc
+                os.write(answer_w, b"g")
+            if read_fd in ready:
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        for fd in (read_fd, request_r, answer_w):
+            os.close(fd)
+        os.waitpid(pid, 0)
+    status, value = pickle.loads(b"".join(chunks))
+    if failure is not None:
+        raise failure
     if status == "error":
         raise AssertionError(f"child in {group.path} failed: {value}")
     return value
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    """Poll predicate() until it is true or the deadline passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()

@@ -1,28 +1,47 @@
-"""bypass: local TCP connections skip the TCP/IP stack.
+"""bypass: local TCP connections skip the TCP/IP stack, and no program can tell.
 
     with Bypass(cgroup="/sys/fs/cgroup/unified/myapp") as bypass:
         ...                       # sockets in that cgroup talk through sk_msg redirects
         print(bypass.stats())
+    # leaving the block stops every redirect, waits until each socket's redirected data is
+    # read, takes the sockets out of the map, and unloads
+
+A socket joins the map only once netbpf has seen that its owner reads it the way the kernel's
+sockmap path handles exactly like TCP (non-blocking, not spliced; bpf/bypass.h, enum sock_state).
+Joining is done by an iterator program that an agent runs every few milliseconds: the `run`
+command is that agent; `attach` starts one in the background.
 
 CLI: python -m netbpf.bypass [run|attach|status|detach] [--cgroup DIR] [--scope S] [--ports P] ...
 """
 
 import ipaddress
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from . import cgroup, features, tool
+from . import features, tool
 from .errors import UsageError
 from .loader import open_pinned_link
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
-MAPS = ("sock_map", "sock_info", "listeners", "counters", "config_map", "host_addrs", "allowed_ports")
+MAPS = ("sock_map", "sock_info", "spliced_services", "counters", "config_map", "control", "host_addrs",
+        "allowed_ports")
 BPF_CGROUP_SOCK_OPS = 3
+JOIN_INTERVAL = 0.02       # seconds between passes of the join iterator
+DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their redirected data
+
+# enum sock_state and enum plain_reason of bpf/bypass.h
+STATES = {1: "waiting", 2: "ready", 3: "joined", 4: "leaving", 5: "left"}
+JOINED, LEAVING = 3, 4
+REASONS = ("none", "no_file", "blocking", "not_read", "spliced", "rcvlowat", "peer_outside", "detach",
+           "insert_failed", "peer_waiting")
 
 
 def host_addresses():
@@ -37,33 +56,14 @@ def host_addresses():
     return addrs
 
 
-def listening_sockets(cgroup_dir):
-    """(family, 16-byte address, port) of the TCP listeners in cgroup_dir or below, from `ss`.
-    The kernel tells the bypass of listeners made after it attached; these came before."""
-    root = cgroup.cgroup2_root()
-    out = subprocess.run(["ss", "-ltnH", "--cgroup"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        fields = line.split()
-        where = next((f[len("cgroup:"):] for f in fields if f.startswith("cgroup:")), None)
-        if where is None or len(fields) < 4:
-            continue
-        path = root / where.lstrip("/")
-        if path != Path(cgroup_dir) and Path(cgroup_dir) not in path.parents:
-            continue
-        host, _, port = fields[3].rpartition(":")
-        host = host.strip("[]").split("%")[0]
-        ip = ipaddress.ip_address("::" if host == "*" else host)
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        found.append((family, ip.packed.ljust(16, b"\0"), int(port)))
-    return found
-
-
 def _ip_words(packed):
     """A 16-byte packed address as the four __u32 words of the C structs (memory order)."""
     return [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+
+
+def _ip_text(family, words):
+    packed = b"".join(int(w).to_bytes(4, sys.byteorder) for w in words)
+    return str(ipaddress.ip_address(packed[:4] if family == socket.AF_INET else packed))
 
 
 def refresh_host_addrs(host_addrs):
@@ -76,6 +76,73 @@ def refresh_host_addrs(host_addrs):
         del host_addrs[{"family": family, "ip": ip}]
 
 
+def join_pass(join_link):
+    """Run the join iterator over every TCP socket: twice, because a socket joins only when its
+    peer was READY, and the peer may come later in the same pass."""
+    join_link.run_iter()
+    join_link.run_iter()
+
+
+def drain(join_link, maps, timeout):
+    """Stop every redirect at once, then take each socket out of the map as soon as its reader
+    has read what was redirected to it (leaving the map earlier would drop that data).
+    Returns the connections still in the map when the timeout ran out."""
+    control = maps["control"]
+    control[0] = control[0]._replace(detaching=1)
+    deadline = time.monotonic() + timeout
+    while True:
+        join_pass(join_link)
+        if len(maps["sock_map"]) == 0:
+            return []
+        if time.monotonic() >= deadline:
+            return connections(maps)
+        time.sleep(JOIN_INTERVAL)
+
+
+def socket_owners():
+    """{(local 'ip:port', remote 'ip:port'): (pid, comm)} of established TCP sockets, from `ss -p`."""
+    try:
+        out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    owners = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or "pid=" not in line:
+            continue
+        users = line[line.index("users:"):]
+        comm = users.split('"')[1]
+        pid = int(users.split("pid=")[1].split(",")[0])
+        owners[(_normal_endpoint(fields[2]), _normal_endpoint(fields[3]))] = (pid, comm)
+    return owners
+
+
+def _normal_endpoint(text):
+    host, _, port = text.rpartition(":")
+    ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return f"{ip}:{port}"
+
+
+def connections(maps, owners=None):
+    """The sockets in the map: tuple, state, bytes redirected into them, and the owning process
+    where `ss` can tell."""
+    owners = socket_owners() if owners is None else owners
+    found = []
+    for key, info in maps["sock_info"].items():
+        if info.state not in (JOINED, LEAVING):
+            continue
+        local = f"{_ip_text(key.family, key.local_ip)}:{key.local_port}"
+        remote = f"{_ip_text(key.family, key.remote_ip)}:{key.remote_port}"
+        pid, comm = owners.get((local, remote), (None, None))
+        found.append({"local": local, "remote": remote, "state": STATES[info.state],
+                      "reason": REASONS[info.reason] if info.reason < len(REASONS) else str(info.reason),
+                      "redirected_bytes": info.redirected_bytes, "pid": pid, "comm": comm})
+    return sorted(found, key=lambda c: (c["local"], c["remote"]))
+
+
 class Bypass(tool.Attachment):
     """The bypass attached to one cgroup (default: the cgroup v2 root, the whole host)."""
 
@@ -83,17 +150,27 @@ class Bypass(tool.Attachment):
     MAPS = MAPS
     MARKER = (BPF_CGROUP_SOCK_OPS, "bypass_sockops")
     PIN_CHECK = "sockops"
+    TICK = JOIN_INTERVAL
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,
-                 queue_floor=DEFAULT_QUEUE_FLOOR, sk_msg_link=None):
+                 queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=False, drain_timeout=DRAIN_TIMEOUT,
+                 sk_msg_link=None):
         if scope not in SCOPES:
             raise UsageError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
         if not 2 <= max_sockets <= 1 << 24:
             raise UsageError(f"--max-sockets {max_sockets} is out of range (2-16777216)")
+        if not 0 <= queue_floor < 1 << 31:
+            raise UsageError(f"--queue-floor {queue_floor} is out of range (0-2147483647 bytes)")
+        if drain_timeout < 0:
+            raise UsageError(f"--timeout {drain_timeout} is negative")
         super().__init__(cgroup_dir)
         self.scope, self.ports = scope, list(ports)
         self.max_sockets, self.queue_floor = max_sockets, queue_floor
+        self.allow_blocking_readers = allow_blocking_readers
+        self.drain_timeout = drain_timeout
         self.sk_msg_link = sk_msg_link
+        self.pinned = False
+        self.still_draining = []  # what close() could not drain in time
 
     def _prepare(self, obj):
         for name in ("sock_map", "sock_info"):
@@ -101,21 +178,43 @@ class Bypass(tool.Attachment):
 
     def _configure(self, maps):
         maps["config_map"][0] = {"scope": SCOPES[self.scope], "ports_only": int(bool(self.ports)),
-                                 "queue_floor": self.queue_floor}
+                                 "queue_floor": self.queue_floor,
+                                 "allow_blocking": int(self.allow_blocking_readers)}
+        maps["control"][0] = {"detaching": 0, "agent_pid": 0}
         for port in self.ports:
             maps["allowed_ports"][port] = 1
         refresh_host_addrs(maps["host_addrs"])
 
     def _attach_links(self):
         progs, maps = self.obj.programs, self.obj.maps
-        # sk_msg first: a socket takes the verdict program its map has when it joins
+        # everything that judges and redirects is in place before sockops records sockets
         yield "sk_msg", lambda: progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
+        yield "join", lambda: progs["bypass_join"].attach_iter()
+        yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
+        yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
         yield "sockops", lambda: progs["bypass_sockops"].attach_cgroup(self.cgroup)
-        # listeners from before the attach (the kernel reports those that come after)
-        for family, packed, port in listening_sockets(self.cgroup):
-            key = {"family": family, "ip": _ip_words(packed), "port": port}
-            if key not in maps["listeners"]:
-                maps["listeners"][key] = 1
+
+    def pin(self, pin_dir):
+        super().pin(pin_dir)
+        self.pinned = True
+
+    def tick(self):
+        """One round of joining and leaving (the agent's work); nothing once closed."""
+        join_link = self.links.get("join")
+        if join_link is not None:
+            join_pass(join_link)
+
+    def close(self):
+        """Unless pinned: stop redirecting, let readers take what was redirected to them (up to
+        drain_timeout), take every socket out of the map, detach and unload. Connections still
+        holding unread redirected data at the timeout stay in the map, redirecting nothing, until
+        they are closed; they are listed in still_draining."""
+        if self.obj is not None and not self.pinned and "join" in self.links:
+            sockops = self.links.pop("sockops", None)
+            if sockops is not None:
+                sockops.close()  # record no new sockets
+            self.still_draining = drain(self.links["join"], self.obj.maps, self.drain_timeout)
+        super().close()
 
     def refresh_host_addrs(self):
         refresh_host_addrs(self.obj.maps["host_addrs"])
@@ -123,61 +222,175 @@ class Bypass(tool.Attachment):
     def stats(self):
         return _stats(self.obj.maps)
 
+    def connections(self):
+        return connections(self.obj.maps)
+
+    @classmethod
+    def detach_pinned(cls, pin_dir, timeout=DRAIN_TIMEOUT, force=False):
+        """Stop the agent, stop every redirect, drain, and remove every link and pin `attach` made.
+        Returns the connections that still held unread redirected data at the timeout: then
+        the pins stay (run detach again to finish) unless force, which removes them anyway
+        (those connections keep the map, redirecting nothing, until they close)."""
+        pin_dir = Path(pin_dir)
+        if not cls.is_pinned(pin_dir) and not (pin_dir / "join").exists():
+            return super().detach_pinned(pin_dir) and []
+        with cls.pinned_maps(pin_dir) as maps:
+            stop_agent(maps["control"])
+            if (pin_dir / "sockops").exists():
+                open_pinned_link(pin_dir / "sockops").detach()
+            with open_pinned_link(pin_dir / "join") as join_link:
+                remaining = drain(join_link, maps, timeout)
+        if remaining and not force:
+            return remaining
+        super().detach_pinned(pin_dir)
+        return remaining
+
+
+def start_agent(pin_dir):
+    """The background process that runs the join iterator of a pinned bypass."""
+    return subprocess.Popen([sys.executable, "-m", "netbpf.bypass", "agent", "--pin-dir", str(pin_dir)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def agent_running(pid):
+    """Whether pid is a live netbpf bypass agent (not some other process that got the number)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"netbpf.bypass" in cmdline and b"agent" in cmdline
+
+
+def stop_agent(control, timeout=5.0):
+    pid = control[0].agent_pid
+    if pid and agent_running(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while agent_running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    control[0] = control[0]._replace(agent_pid=0)
+
+
+def run_agent(pin_dir):
+    """The agent of a pinned bypass: run the join iterator until SIGTERM or the pins are gone."""
+    pin_dir = Path(pin_dir)
+    with Bypass.pinned_maps(pin_dir) as maps, open_pinned_link(pin_dir / "join") as join_link:
+        control = maps["control"]
+        control[0] = control[0]._replace(agent_pid=os.getpid())
+
+        def step():
+            if not (pin_dir / "join").exists() or control[0].detaching:
+                raise tool.Stop()
+            join_pass(join_link)
+
+        tool.run_until_signalled(step, JOIN_INTERVAL)
+    return 0
+
+
+def _by_reason(values):
+    return {name: int(values[i]) for i, name in enumerate(REASONS) if i and values[i]}
+
 
 def _stats(maps):
     counters = maps["counters"].sum(0)._asdict()
+    counters["closed_plain"] = _by_reason(counters["closed_plain"])
+    counters["left_by_reason"] = _by_reason(counters["left_by_reason"])
     counters["sockets"] = len(maps["sock_map"])
+    waiting = [0] * len(REASONS)
+    for _, info in maps["sock_info"].items():
+        if STATES.get(info.state) in ("waiting", "ready", "left") and info.reason < len(REASONS):
+            waiting[info.reason] += 1
+    counters["plain_now"] = _by_reason(waiting)  # open sockets kept plain right now, by reason
     return counters
 
 
 def status(pin_dir=DEFAULT_PIN_DIR):
     """What a pinned bypass is doing (reads the pins; refreshes the host addresses)."""
     pin_dir = Path(pin_dir)
-    if not Bypass.is_pinned(pin_dir):
+    if not (pin_dir / "join").exists():
         return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "sockets": 0,
                 "redirected_msgs": 0, "redirected_bytes": 0, "passed_msgs": 0}
     with Bypass.pinned_maps(pin_dir) as maps:
         refresh_host_addrs(maps["host_addrs"])
-        config = maps["config_map"][0]
+        config, control = maps["config_map"][0], maps["control"][0]
         sk_msg = open_pinned_link(pin_dir / "sk_msg")
         mechanism = sk_msg.kind
         sk_msg.close()
-        return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "sockops"), "pin_dir": str(pin_dir),
+        cgroup = tool.link_cgroup(pin_dir / "sockops") if (pin_dir / "sockops").exists() else None
+        return {"attached": Bypass.is_pinned(pin_dir), "detaching": bool(control.detaching),
+                "cgroup": cgroup, "pin_dir": str(pin_dir),
                 "scope": {v: k for k, v in SCOPES.items()}[config.scope],
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
-                "queue_floor": config.queue_floor, "sk_msg_attach": mechanism, "kernel": features.summary(),
-                "listeners": len(maps["listeners"]), **_stats(maps)}
+                "queue_floor": config.queue_floor, "allow_blocking_readers": bool(config.allow_blocking),
+                "agent": {"pid": control.agent_pid or None, "running": agent_running(control.agent_pid)},
+                "sk_msg_attach": mechanism, "kernel": features.summary(),
+                "spliced_services": sorted(maps["spliced_services"]),
+                "connections": connections(maps), **_stats(maps)}
 
 
-def format_line(stats, previous, elapsed):
+def _reasons_text(counts):
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.items()) or "none"
+
+
+def format_line(stats, previous, elapsed, blocking_allowed=False):
     def rate(name):
         return (stats[name] - previous[name]) / elapsed if previous and elapsed else 0.0
 
     return (f"sockets {stats['sockets']:6d}  redirected {rate('redirected_msgs'):9.0f} msg/s "
             f"{rate('redirected_bytes') / 1e6:9.2f} MB/s  passed {rate('passed_msgs'):8.0f} msg/s  "
-            f"(total {stats['redirected_msgs']} redirected, {stats['passed_msgs']} passed)")
+            f"plain now: {_reasons_text(stats['plain_now'])}"
+            + ("  [blocking readers allowed]" if blocking_allowed else ""))
 
 
 def show_status(info):
-    print(f"bypass: attached to {info['cgroup']} (pins in {info['pin_dir']}, scope {info['scope']}, "
+    state = "detaching (draining)" if info["detaching"] else "attached"
+    print(f"bypass: {state} to {info['cgroup']} (pins in {info['pin_dir']}, scope {info['scope']}, "
           f"sk_msg via {info['sk_msg_attach']})")
-    print(f"  sockets in the map {info['sockets']}, listeners known {info['listeners']}")
+    agent = info["agent"]
+    print(f"  agent pid {agent['pid']}: {'running' if agent['running'] else 'NOT RUNNING: nothing joins'}")
+    if info["allow_blocking_readers"]:
+        print("  blocking readers allowed (--allow-blocking-readers): they may see EAGAIN and short "
+              "MSG_WAITALL reads")
+    print(f"  sockets in the map {info['sockets']}; kept plain now: {_reasons_text(info['plain_now'])}")
+    print(f"  closed without joining: {_reasons_text(info['closed_plain'])}; "
+          f"left the map: {_reasons_text(info['left_by_reason'])}")
     print(f"  redirected {info['redirected_msgs']} messages ({info['redirected_bytes']} bytes); "
           f"passed {info['passed_msgs']} ({info['passed_no_peer']} no peer, "
-          f"{info['passed_unread_plain']} unread TCP data, {info['passed_peer_full']} peer full)")
+          f"{info['passed_peer_unsafe']} peer unsafe, {info['passed_unread_plain']} unread TCP data, "
+          f"{info['passed_peer_full']} peer full)")
+    for conn in info["connections"]:
+        owner = f"{conn['comm']}[{conn['pid']}]" if conn["pid"] else "?"
+        print(f"  {conn['local']:>22} -> {conn['remote']:<22} {conn['state']:8} "
+              f"{conn['redirected_bytes']:>12} B in  {owner}")
 
 
 def live_line(bypass, stats, previous, elapsed):
     bypass.refresh_host_addrs()
-    return format_line(stats, previous, elapsed)
+    return format_line(stats, previous, elapsed, bypass.allow_blocking_readers)
+
+
+def show_draining(prog, remaining, pinned):
+    print(f"{prog}: {len(remaining)} connections still hold redirected data their programs have not read:",
+          file=sys.stderr)
+    for conn in remaining:
+        owner = f"{conn['comm']}[{conn['pid']}]" if conn["pid"] else "owner unknown"
+        print(f"  {conn['local']} -> {conn['remote']} ({owner})", file=sys.stderr)
+    if pinned:
+        print(f"{prog}: pins kept: run detach again once they read it, or detach --force (they then keep "
+              "netbpf's map, redirecting nothing, until they close)", file=sys.stderr)
+    else:
+        print(f"{prog}: they keep netbpf's map, redirecting nothing, until they close", file=sys.stderr)
 
 
 def build_parser():
     parser = tool.Parser(prog="python -m netbpf.bypass",
                          description="Local TCP connections skip the TCP/IP stack (sockops + sk_msg).")
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "attach", "status", "detach"),
-                        help="run (default): attach, show live counters until Ctrl-C, detach; "
-                             "attach: attach and pin; status: show a pinned bypass; detach: remove it")
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=("run", "attach", "status", "detach", "agent"),
+                        help="run (default): attach, join sockets and show live counters until Ctrl-C, "
+                             "then detach; attach: attach, pin, and start a background agent; status: "
+                             "show a pinned bypass; detach: drain and remove it; agent: internal")
     tool.common_arguments(parser, DEFAULT_PIN_DIR)
     parser.add_argument("--scope", choices=tuple(SCOPES), default="host",
                         help="which peers count as local: loopback, host (loopback and this host's "
@@ -189,6 +402,14 @@ def build_parser():
     parser.add_argument("--queue-floor", type=int, default=DEFAULT_QUEUE_FLOOR, metavar="BYTES",
                         help="bytes a receiver may have queued before sends fall back to TCP, at least "
                              "(the receiver's SO_RCVBUF when larger; default 1048576)")
+    parser.add_argument("--allow-blocking-readers", action="store_true",
+                        help="also bypass sockets read with blocking calls, accepting the kernel's "
+                             "deviations for them: a blocking recv() fails with EAGAIN after a signal, "
+                             "stop/continue or a wake-up without data, and MSG_WAITALL returns short")
+    parser.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT, metavar="S",
+                        help=f"detach: seconds to wait for readers to take redirected data (default {DRAIN_TIMEOUT:g})")
+    parser.add_argument("--force", action="store_true",
+                        help="detach: remove the pins even if connections still hold redirected data")
     return parser
 
 
@@ -196,11 +417,38 @@ def cli(argv=None):
     args = build_parser().parse_args(argv)
     tool.setup_logging(args.verbose)
     ports = tool.parse_ports(args.ports)
+    prog = "bypass"
+
+    if args.command in ("detach", "agent"):
+        tool.require_root()
+        pin_dir = tool.check_pin_dir(args.pin_dir)
+        if args.command == "agent":
+            return run_agent(pin_dir)
+        if args.timeout < 0:
+            raise UsageError(f"--timeout {args.timeout} is negative")
+        if not pin_dir.exists() or not any(pin_dir.iterdir()):
+            raise UsageError(f"{prog} is not attached (no pins in {pin_dir})")
+        remaining = Bypass.detach_pinned(pin_dir, args.timeout, args.force)
+        if remaining:
+            show_draining(prog, remaining, pinned=not args.force)
+            if not args.force:
+                return 1
+        print(f"{prog}: detached (removed {pin_dir})")
+        return 0
 
     def make(args):
-        return Bypass(args.cgroup, args.scope, ports, args.max_sockets, args.queue_floor)
+        return Bypass(args.cgroup, args.scope, ports, args.max_sockets, args.queue_floor,
+                      args.allow_blocking_readers, args.timeout)
 
-    return tool.run_command(args, Bypass, make, status, show_status, live_line)
+    def after_attach(bypass, pin_dir):
+        start_agent(pin_dir)
+
+    def after_close(bypass):
+        if bypass.still_draining:
+            show_draining(prog, bypass.still_draining, pinned=False)
+
+    return tool.run_command(args, Bypass, make, status, show_status, live_line,
+                            after_attach=after_attach, after_close=after_close)
 
 
 def main():

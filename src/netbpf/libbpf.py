@@ -45,6 +45,8 @@ ffi.cdef(
     struct bpf_link *bpf_program__attach_tracepoint(const struct bpf_program *prog,
                                                     const char *category, const char *name);
     struct bpf_link *bpf_program__attach_sockmap(const struct bpf_program *prog, int map_fd);
+    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const void *opts);
+    int bpf_iter_create(int link_fd);
 
     const char *bpf_map__name(const struct bpf_map *map);
     int bpf_map__fd(const struct bpf_map *map);

@@ -12,6 +12,7 @@ Links: `close()` detaches, `pin(path)` makes the attachment outlive the process,
 """
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -260,6 +261,12 @@ class Program:
               f"attach {self.name} to map {sockmap.name}")
         return self._track(ProgAttachment(self.fd, target_fd, attach_type, self.name))
 
+    def attach_iter(self):
+        """Attach an iterator program (SEC("iter/...")); the Link's run_iter() runs a pass."""
+        ptr = lib.bpf_program__attach_iter(self._prog, ffi.NULL)
+        check_ptr(ptr, f"attach iterator {self.name}")
+        return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
+
     def attach_tracepoint(self, category=None, name=None):
         """Attach to a tracepoint; by default the one in the section name (tracepoint/CAT/NAME)."""
         if category is None:
@@ -274,7 +281,8 @@ class Program:
 
 
 class Link:
-    """An attachment held by a bpf_link fd. close() detaches unless pinned; detach() always does."""
+    """An attachment held by a bpf_link fd. close() detaches unless pinned; detach() always does.
+    An iterator link (Program.attach_iter) runs its program with run_iter()."""
 
     kind = "bpf_link"
 
@@ -305,6 +313,20 @@ class Link:
     def pin(self, path):
         check(lib.bpf_obj_pin(self.fd, str(path).encode()), f"pin link of {self.program} at {path}")
         self.pin_path = str(path)
+
+    def run_iter(self):
+        """One pass of an iterator link: the kernel runs the program once per object (socket,
+        task, map element ...) while this reads; returns what the program wrote."""
+        fd = lib.bpf_iter_create(self.fd)
+        if fd < 0:
+            raise LibbpfError(f"create an iterator from the link of {self.program}", fd)
+        chunks = []
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
 
     def unpin(self):
         if self.pin_path:
@@ -429,6 +451,15 @@ def open_pinned_link(path):
 
 
 Link.open_pinned = staticmethod(open_pinned_link)
+
+
+def _add(a, b):
+    """Field by field: ints, namedtuples of ints, and arrays of either."""
+    if isinstance(a, tuple) and hasattr(a, "_fields"):
+        return type(a)(*(_add(x, y) for x, y in zip(a, b)))
+    if isinstance(a, (list, tuple)):
+        return [_add(x, y) for x, y in zip(a, b)]
+    return a + b
 
 
 class Map(MutableMapping):
@@ -605,10 +636,7 @@ class Map(MutableMapping):
         values = self[key]
         if not self.percpu:
             return values
-        first = values[0]
-        if isinstance(first, tuple):
-            return type(first)(*(sum(v[i] for v in values) for i in range(len(first))))
-        return sum(values)
+        return functools.reduce(_add, values)
 
     def clear(self):
         for raw in list(self._raw_keys()):

@@ -210,9 +210,11 @@ class Attachment:
         PIN_CHECK  a pin that exists exactly when the tool is attached with pins
 
     and fills in _prepare(obj) before load, _configure(maps) after load, and _attach_links(),
-    which yields (pin name, function that attaches and returns the Link) in attach order."""
+    which yields (pin name, function that attaches and returns the Link) in attach order.
+    A tool with periodic work while attached sets TICK (seconds) and does it in tick()."""
 
     NAME = MAPS = MARKER = PIN_CHECK = None
+    TICK = None
 
     def __init__(self, cgroup_dir=None):
         self.cgroup = cgroup.resolve(cgroup_dir)
@@ -230,6 +232,9 @@ class Attachment:
 
     def _load(self):
         self.obj.load()
+
+    def tick(self):
+        pass
 
     def attach(self):
         attach_type, program = self.MARKER
@@ -312,10 +317,12 @@ def close_all(items):
         item.close()
 
 
-def run_command(args, cls, make, status, show_status, live_line):
+def run_command(args, cls, make, status, show_status, live_line, after_attach=None, after_close=None):
     """The verbs both tools share. cls: the Attachment subclass; make(args) -> an unattached
     instance; status(pin_dir) -> dict; show_status(dict) prints it for people;
-    live_line(tool, stats, previous stats, seconds between) -> one status line."""
+    live_line(tool, stats, previous stats, seconds between) -> one status line;
+    after_attach(tool, pin_dir) runs once `attach` has pinned; after_close(tool) once `run`
+    has detached."""
     prog = cls.NAME
     require_root()
     pin_dir = check_pin_dir(args.pin_dir)
@@ -340,19 +347,28 @@ def run_command(args, cls, make, status, show_status, live_line):
             raise UsageError(f"{prog} is already attached with pins in {pin_dir} (detach it first)")
         with tool.attach():  # closing after pin() leaves the pinned attachment in place
             tool.pin(pin_dir)
+        if after_attach:
+            after_attach(tool, pin_dir)
         print(f"{prog}: attached to {tool.cgroup} (pins in {pin_dir})")
         return 0
 
     with tool.attach():
         print(f"{prog}: attached to {tool.cgroup}; Ctrl-C to detach", flush=True)
-        state = {"previous": None, "when": time.monotonic()}
+        state = {"previous": None, "when": time.monotonic() - args.interval}
 
         def step():
-            now, stats = time.monotonic(), tool.stats()
+            tool.tick()
+            now = time.monotonic()
+            if now - state["when"] < args.interval:
+                return
+            stats = tool.stats()
             end = "\r" if sys.stdout.isatty() else "\n"
             print(live_line(tool, stats, state["previous"], now - state["when"]), end=end, flush=True)
             state["previous"], state["when"] = stats, now
 
-        run_until_signalled(step, args.interval)
-    print(f"\n{prog}: detached", flush=True)
+        run_until_signalled(step, min(tool.TICK or args.interval, args.interval))
+        print(f"\n{prog}: detaching", flush=True)
+    if after_close:
+        after_close(tool)
+    print(f"{prog}: detached", flush=True)
     return 0

@@ -1,0 +1,62 @@
+"""The bypass as the tests use it: attached to the test's cgroup with an agent thread that runs
+the join iterator, and conditions a test waits for (with a deadline) before it goes on."""
+
+import contextlib
+import threading
+
+import pytest
+
+from netbpf.bypass import JOIN_INTERVAL, Bypass
+
+from conftest import wait_for
+
+
+@contextlib.contextmanager
+def attached(cgroup, **options):
+    """Bypass attached to `cgroup`, with the agent's work (the join iterator) done by a thread,
+    as `python -m netbpf.bypass` does it; drained, detached and unloaded afterwards."""
+    options.setdefault("drain_timeout", 5.0)
+    with Bypass(str(cgroup.path), **options) as bypass:
+        stop = threading.Event()
+
+        def agent():
+            while not stop.wait(JOIN_INTERVAL):
+                bypass.tick()
+
+        thread = threading.Thread(target=agent, name="bypass-agent", daemon=True)
+        thread.start()
+        try:
+            yield bypass
+        finally:
+            stop.set()
+            thread.join()
+
+
+@pytest.fixture
+def bypass(cg):
+    with attached(cg) as attached_bypass:
+        yield attached_bypass
+
+
+def joined(bypass, sockets=2, timeout=5.0):
+    """An on_sync for run_in: wait until `sockets` sockets are in the map."""
+
+    def wait():
+        assert wait_for(lambda: bypass.stats()["sockets"] >= sockets, timeout), \
+            f"the bypass did not take {sockets} sockets within {timeout} s: {bypass.stats()}"
+
+    return wait
+
+
+def kept_plain(bypass, timeout=5.0, **reasons):
+    """An on_sync for run_in: wait until the agent has judged open sockets and keeps them plain,
+    at least reasons[reason] of them for each reason (names of netbpf.bypass.REASONS)."""
+
+    def wait():
+        def judged():
+            now = bypass.stats()["plain_now"]
+            return all(now.get(reason, 0) >= count for reason, count in reasons.items())
+
+        assert wait_for(judged, timeout), f"not kept plain as {reasons} within {timeout} s: {bypass.stats()}"
+
+    return wait
