@@ -480,6 +480,8 @@ static __always_inline void mark_spliced(int fd)
 	if (!info || info->sk != (__u64)sk || info->spliced)
 		return;
 	info->spliced = 1;
+	if (info->state == STATE_WAITING || info->state == STATE_READY)
+		set_state(info, STATE_WAITING, REASON_SPLICED);
 	service = info->service_port;
 	bpf_map_update_elem(&spliced_services, &service, &one, BPF_ANY);
 	cnt = counters_here();

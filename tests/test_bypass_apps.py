@@ -11,15 +11,8 @@ import time
 
 import pytest
 
-from netbpf.bypass import Bypass
-
+from bypassutil import bypass  # noqa: F401 (fixture)
 from conftest import run_in
-
-
-@pytest.fixture
-def bypass(cg):
-    with Bypass(str(cg.path)) as attached:
-        yield attached
 
 
 def free_port():

@@ -12,17 +12,33 @@ import pytest
 from netbpf import bypass, tool
 
 from clitools import attached_programs, run_as_nobody, run_cli
-from conftest import run_in
-from netutil import close_all, pair, recv_exactly
+from conftest import run_in, sync, wait_for
+from netutil import PATTERN, close_all, joinable_pair, recv_exactly
 
 
 def exchange():
-    srv, cli, conn = pair()
-    time.sleep(0.05)
+    srv, cli, conn = joinable_pair()
     cli.sendall(b"through the bypass")
     got = recv_exactly(conn, 18)
     close_all(srv, cli, conn)
     return got
+
+
+def pinned_sockets(pins):
+    """How many sockets the pinned bypass has in its map (read the way `status` reads it)."""
+    with bypass.Bypass.pinned_maps(pins) as maps:
+        return len(maps["sock_map"])
+
+
+def joined_in(pins, count=2):
+    def wait():
+        assert wait_for(lambda: pinned_sockets(pins) >= count), "the agent did not join the sockets"
+
+    return wait
+
+
+def agent_alive(pid):
+    return bypass.agent_running(pid)
 
 
 def test_help_names_the_commands():
@@ -37,17 +53,20 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
     result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins, "--ports", "1-65535")
     assert result.returncode == 0, result.stderr
     assert "sock_ops" in attached_programs(cg.path)
-    assert run_in(cg, exchange) == b"through the bypass"
+    assert run_in(cg, exchange, on_sync=joined_in(pins)) == b"through the bypass"  # the agent joined them
 
     status = run_cli("bypass", "status", "--json", "--pin-dir", pins)
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
-    assert info["attached"] is True and info["cgroup"] == str(cg.path)
+    assert info["attached"] is True and info["cgroup"] == str(cg.path) and info["detaching"] is False
+    assert info["agent"]["running"] is True and info["allow_blocking_readers"] is False
     assert info["redirected_msgs"] >= 1 and info["redirected_bytes"] >= 18
-    assert info["sockets"] == 0 and info["passed_msgs"] == 0
+    assert info["passed_msgs"] == 0 and info["sockets_inserted"] == 2
     assert info["ports"] == list(range(1, 65536)) and info["sk_msg_attach"] in ("bpf_link", "prog_attach")
+    assert wait_for(lambda: json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)["sockets"] == 0)
     text = run_cli("bypass", "status", "--pin-dir", pins)
-    assert f"attached to {cg.path}" in text.stdout
+    assert f"attached to {cg.path}" in text.stdout and "running" in text.stdout
+    agent = info["agent"]["pid"]
 
     again = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins)
     assert again.returncode == 2 and "already attached" in again.stderr
@@ -57,6 +76,7 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
 
     result = run_cli("bypass", "detach", "--pin-dir", pins)
     assert result.returncode == 0, result.stderr
+    assert not agent_alive(agent)
     assert attached_programs(cg.path) == {}
     assert not pins.exists() and not pins.parent.exists()  # no empty directory left either
     bpftool = subprocess.run(["bpftool", "cgroup", "show", str(cg.path)], capture_output=True, text=True)
@@ -72,7 +92,15 @@ def test_run_shows_live_counters_and_detaches_on_signal(cg, sig):
                              "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "attached to" in proc.stdout.readline()
-        assert run_in(cg, exchange) == b"through the bypass"
+
+        def joined_per_live_line():
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if proc.stdout.readline().split()[:2] == ["sockets", "2"]:
+                    return
+            raise AssertionError("the live line never showed the two sockets joined")
+
+        assert run_in(cg, exchange, on_sync=joined_per_live_line) == b"through the bypass"
         line = ""
         deadline = time.monotonic() + 10
         while "total 1 redirected" not in line and time.monotonic() < deadline:
@@ -90,6 +118,38 @@ def test_run_shows_live_counters_and_detaches_on_signal(cg, sig):
     assert attached_programs(cg.path) == {}
 
 
+def test_detach_waits_for_a_reader_that_has_not_read_and_says_so(cg, pin_dir):
+    """detach stops redirecting, then waits for readers to take what was redirected to them;
+    at the timeout it names the connections, keeps the pins, and a later detach finishes."""
+    pins = pin_dir / "bypass"
+    assert run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins).returncode == 0
+    detached = {}
+
+    def first_detach():
+        result = run_cli("bypass", "detach", "--timeout", "0.5", "--pin-dir", pins)
+        detached["first"] = result
+        assert result.returncode == 1, result.stderr
+        assert "1 connections still hold redirected data" in result.stderr  # the server end
+        assert "pins kept" in result.stderr and pins.exists()
+        assert attached_programs(cg.path) == {}  # no new sockets are taken meanwhile
+
+    def unread_then_read():
+        srv, cli, conn = joinable_pair()
+        cli.sendall(PATTERN[:100000])
+        sync()  # the parent tries to detach now
+        got = recv_exactly(conn, 100000)
+        cli.sendall(b"after")
+        got += recv_exactly(conn, 5)
+        close_all(srv, cli, conn)
+        return got
+
+    steps = [joined_in(pins), first_detach]
+    assert run_in(cg, unread_then_read, on_sync=lambda: steps.pop(0)()) == PATTERN[:100000] + b"after"
+    second = run_cli("bypass", "detach", "--pin-dir", pins)
+    assert second.returncode == 0, second.stderr
+    assert not pins.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ports", "0"], "out of range"),
     (["--ports", "70000"], "out of range"),
@@ -101,6 +161,8 @@ def test_run_shows_live_counters_and_detaches_on_signal(cg, sig):
     (["--cgroup", "/tmp"], "not a cgroup v2 directory"),
     (["--pin-dir", "/tmp/netbpf-not-bpffs"], "not on a bpffs mount"),
     (["--max-sockets", "1"], "out of range"),
+    (["--queue-floor", "-1"], "out of range"),
+    (["--queue-floor", "2147483648"], "out of range"),
     (["frobnicate"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(cg, pin_dir, args, message):

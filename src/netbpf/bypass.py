@@ -339,7 +339,8 @@ def format_line(stats, previous, elapsed, blocking_allowed=False):
 
     return (f"sockets {stats['sockets']:6d}  redirected {rate('redirected_msgs'):9.0f} msg/s "
             f"{rate('redirected_bytes') / 1e6:9.2f} MB/s  passed {rate('passed_msgs'):8.0f} msg/s  "
-            f"plain now: {_reasons_text(stats['plain_now'])}"
+            f"(total {stats['redirected_msgs']} redirected, {stats['passed_msgs']} passed; "
+            f"plain now: {_reasons_text(stats['plain_now'])})"
             + ("  [blocking readers allowed]" if blocking_allowed else ""))
 
 
