@@ -2,34 +2,21 @@
 the join iterator, and conditions a test waits for (with a deadline) before it goes on."""
 
 import contextlib
-import threading
 
 import pytest
 
-from netbpf.bypass import JOIN_INTERVAL, Bypass
+from netbpf.bypass import Bypass
 
 from conftest import wait_for
 
 
 @contextlib.contextmanager
 def attached(cgroup, **options):
-    """Bypass attached to `cgroup`, with the agent's work (the join iterator) done by a thread,
-    as `python -m netbpf.bypass` does it; drained, detached and unloaded afterwards."""
+    """Bypass attached to `cgroup` (its agent thread joins sockets, as in `python -m
+    netbpf.bypass`); drained, detached and unloaded afterwards."""
     options.setdefault("drain_timeout", 5.0)
     with Bypass(str(cgroup.path), **options) as bypass:
-        stop = threading.Event()
-
-        def agent():
-            while not stop.wait(JOIN_INTERVAL):
-                bypass.tick()
-
-        thread = threading.Thread(target=agent, name="bypass-agent", daemon=True)
-        thread.start()
-        try:
-            yield bypass
-        finally:
-            stop.set()
-            thread.join()
+        yield bypass
 
 
 @pytest.fixture

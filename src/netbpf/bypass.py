@@ -8,8 +8,9 @@
 
 A socket joins the map only once netbpf has seen that its owner reads it the way the kernel's
 sockmap path handles exactly like TCP (non-blocking, not spliced; bpf/bypass.h, enum sock_state).
-Joining is done by an iterator program that an agent runs every few milliseconds: the `run`
-command is that agent; `attach` starts one in the background.
+Joining is done by an iterator program that an agent runs every few milliseconds: a thread of
+the process that attached (`with Bypass(...)`, the `run` command), or for `attach`, a background
+process that outlives the command.
 
 CLI: python -m netbpf.bypass [run|attach|status|detach] [--cgroup DIR] [--scope S] [--ports P] ...
 """
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,7 +152,6 @@ class Bypass(tool.Attachment):
     MAPS = MAPS
     MARKER = (BPF_CGROUP_SOCK_OPS, "bypass_sockops")
     PIN_CHECK = "sockops"
-    TICK = JOIN_INTERVAL
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,
                  queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=False, drain_timeout=DRAIN_TIMEOUT,
@@ -171,6 +172,7 @@ class Bypass(tool.Attachment):
         self.sk_msg_link = sk_msg_link
         self.pinned = False
         self.still_draining = []  # what close() could not drain in time
+        self._agent = self._agent_stop = None
 
     def _prepare(self, obj):
         for name in ("sock_map", "sock_info"):
@@ -194,6 +196,17 @@ class Bypass(tool.Attachment):
         yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
         yield "sockops", lambda: progs["bypass_sockops"].attach_cgroup(self.cgroup)
 
+    def attach(self):
+        super().attach()
+        self._agent_stop = threading.Event()
+        self._agent = threading.Thread(target=self._run_agent, name="netbpf-bypass-agent", daemon=True)
+        self._agent.start()
+        return self
+
+    def _run_agent(self):
+        while not self._agent_stop.wait(JOIN_INTERVAL):
+            self.tick()
+
     def pin(self, pin_dir):
         super().pin(pin_dir)
         self.pinned = True
@@ -209,6 +222,10 @@ class Bypass(tool.Attachment):
         drain_timeout), take every socket out of the map, detach and unload. Connections still
         holding unread redirected data at the timeout stay in the map, redirecting nothing, until
         they are closed; they are listed in still_draining."""
+        if self._agent is not None:
+            self._agent_stop.set()
+            self._agent.join()
+            self._agent = None
         if self.obj is not None and not self.pinned and "join" in self.links:
             sockops = self.links.pop("sockops", None)
             if sockops is not None:

@@ -210,11 +210,9 @@ class Attachment:
         PIN_CHECK  a pin that exists exactly when the tool is attached with pins
 
     and fills in _prepare(obj) before load, _configure(maps) after load, and _attach_links(),
-    which yields (pin name, function that attaches and returns the Link) in attach order.
-    A tool with periodic work while attached sets TICK (seconds) and does it in tick()."""
+    which yields (pin name, function that attaches and returns the Link) in attach order."""
 
     NAME = MAPS = MARKER = PIN_CHECK = None
-    TICK = None
 
     def __init__(self, cgroup_dir=None):
         self.cgroup = cgroup.resolve(cgroup_dir)
@@ -232,9 +230,6 @@ class Attachment:
 
     def _load(self):
         self.obj.load()
-
-    def tick(self):
-        pass
 
     def attach(self):
         attach_type, program = self.MARKER
@@ -354,19 +349,15 @@ def run_command(args, cls, make, status, show_status, live_line, after_attach=No
 
     with tool.attach():
         print(f"{prog}: attached to {tool.cgroup}; Ctrl-C to detach", flush=True)
-        state = {"previous": None, "when": time.monotonic() - args.interval}
+        state = {"previous": None, "when": time.monotonic()}
 
         def step():
-            tool.tick()
-            now = time.monotonic()
-            if now - state["when"] < args.interval:
-                return
-            stats = tool.stats()
+            now, stats = time.monotonic(), tool.stats()
             end = "\r" if sys.stdout.isatty() else "\n"
             print(live_line(tool, stats, state["previous"], now - state["when"]), end=end, flush=True)
             state["previous"], state["when"] = stats, now
 
-        run_until_signalled(step, min(tool.TICK or args.interval, args.interval))
+        run_until_signalled(step, args.interval)
         print(f"\n{prog}: detaching", flush=True)
     if after_close:
         after_close(tool)
