@@ -6,11 +6,15 @@
  * and splicing readers (splice never sees redirected data). So a socket joins only when netbpf
  * has seen how its owner reads it (enum sock_state in bypass.h):
  *
- *   sockops       records each established socket of the cgroup in sock_info (WAITING);
- *   bypass_join   an iter/tcp program the agent runs: moves a socket to READY once its file is
+ *   sockops       counts the connections of the cgroup as they establish, which tells the
+ *                 agent when to look, and notes the ports the cgroup listens on;
+ *   bypass_join   an iter/tcp program the agent runs every few milliseconds: finds the
+ *                 established sockets of the cgroup, moves one to READY once its file is
  *                 non-blocking and its owner has read from it without splice, inserts it into
  *                 sock_map once its peer is READY too, and takes a JOINED socket out again, once
- *                 its redirected queue is read, when it turns blocking or spliced or on detach;
+ *                 its redirected queue is read, when it turns blocking or spliced, or on detach.
+ *                 A connection that ends before the agent looks (connect, one request, close)
+ *                 costs no more than the count;
  *   tracepoints   mark a socket read with splice() or used as sendfile()'s source, and its
  *                 service, whose later connections then stay plain;
  *   sk_msg        on every send of a socket in the map, moves the message straight into the
@@ -50,6 +54,15 @@ struct {
 	__type(key, struct sock_key);
 	__type(value, struct sock_info);
 } sock_info SEC(".maps");
+
+/* ports the cgroup listens on (value: the agent round that last saw the listener), to tell the server
+ * end of a connection from the client end */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} listeners SEC(".maps");
 
 /* server ports whose connections were read with splice: their later connections stay plain */
 struct {
@@ -109,10 +122,16 @@ static __always_inline struct bypass_config *config_here(void)
 	return bpf_map_lookup_elem(&config_map, &zero);
 }
 
-static __always_inline int detaching(void)
+static __always_inline struct bypass_control *control_here(void)
 {
 	__u32 zero = 0;
-	struct bypass_control *ctl = bpf_map_lookup_elem(&control, &zero);
+
+	return bpf_map_lookup_elem(&control, &zero);
+}
+
+static __always_inline int detaching(void)
+{
+	struct bypass_control *ctl = control_here();
 
 	return !ctl || ctl->detaching;
 }
@@ -131,8 +150,8 @@ static __always_inline void normalize(struct sock_key *key)
 	}
 }
 
-/* bpf_sock_ops and sk_msg_md name these fields alike; remote_port is network order in the
- * upper half, local_port host order. Every field is loaded before any is chosen (the barrier):
+/* The key of an sk_msg's socket; remote_port is network order in the upper half, local_port
+ * host order. Every field is loaded before any is chosen (the barrier):
  * the verifier only accepts context loads at constant offsets, and clang would otherwise turn
  * "v4 ? ip4 : ip6[0]" into one load from a computed address. */
 #define FILL_KEY(key, ctx)                                                          \
@@ -157,12 +176,6 @@ static __always_inline void normalize(struct sock_key *key)
 		(key)->remote_port = bpf_ntohl(rport_);                             \
 		normalize(key);                                                     \
 	} while (0)
-
-/* Not inlined: one copy of the context reads, which the verifier wants at fixed offsets. */
-static __noinline void key_of_sockops(struct bpf_sock_ops *skops, struct sock_key *key)
-{
-	FILL_KEY(key, skops);
-}
 
 /* The same key read from a struct sock (iterator, tracepoints). */
 static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
@@ -265,75 +278,84 @@ static __always_inline int psock_busy(struct sock *sk)
 	       BPF_CORE_READ(psock, refcnt.refs.counter) > 1;
 }
 
-static __always_inline void set_state(struct sock_info *info, __u32 state, __u32 reason)
+/* counts[reason]++, with the bound check the verifier can follow */
+static __always_inline int count_reason(__u64 *counts, __u32 reason)
+{
+	asm volatile("" : "+r"(reason)); /* keep the check on the value that indexes */
+	if (reason >= REASON_MAX)
+		return 0;
+	counts[reason]++;
+	return 1;
+}
+
+static __always_inline void set_state(struct sock_info *info, __u32 state, __u32 reason,
+				      struct bypass_counters *cnt)
 {
 	if (info->state != state)
 		info->since_ns = bpf_ktime_get_ns();
 	info->state = state;
 	info->reason = reason;
+	if (reason > REASON_NONE && !(info->reasons_seen & (1U << reason)) && count_reason(cnt->plain_by_reason, reason))
+		info->reasons_seen |= 1U << reason;
 }
 
-/* --- sockops: record each established socket of the cgroup --- */
-
-static __always_inline void on_established(struct bpf_sock_ops *skops, int passive)
+/* Whether the socket was made by a process of the cgroup or of one below it. */
+static __always_inline int in_cgroup(struct sock *sk, __u64 cgroup_id)
 {
-	struct bypass_counters *cnt = counters_here();
-	struct bypass_config *cfg = config_here();
+	struct cgroup *cgrp = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+
+	for (int level = 0; level < 32 && cgrp; level++) {
+		if (BPF_CORE_READ(cgrp, kn, id) == cgroup_id)
+			return 1;
+		cgrp = (struct cgroup *)((char *)BPF_CORE_READ(cgrp, self.parent) -
+					 bpf_core_field_offset(struct cgroup, self));
+	}
+	return 0;
+}
+
+/* The port of the connection's server end: ours when the cgroup listens on it. */
+static __always_inline __u16 service_of(const struct sock_key *key)
+{
+	__u32 port = key->local_port;
+
+	return bpf_map_lookup_elem(&listeners, &port) ? key->local_port : key->remote_port;
+}
+
+static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_key *key, __u64 round)
+{
 	struct sock_info info = {};
-	struct sock_key key = {};
-	__u32 service;
+	__u32 service = service_of(key);
 
-	if (skops->family != AF_INET && skops->family != AF_INET6)
-		return;
-	if (!cfg || !cnt || !skops->sk || detaching())
-		return;
-	key_of_sockops(skops, &key);
-	if (!in_scope(cfg, &key) || !port_allowed(cfg, &key))
-		return;
-
-	service = passive ? key.local_port : key.remote_port;
-	info.sk = (__u64)skops->sk;
+	info.sk = (__u64)sk;
 	info.since_ns = bpf_ktime_get_ns();
+	info.seen_round = info.first_round = round;
 	info.state = STATE_WAITING;
-	info.passive = passive;
 	info.service_port = service;
 	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
-	info.reason = info.spliced ? REASON_SPLICED : passive ? REASON_NO_FILE : REASON_NOT_READ;
-	if (bpf_map_update_elem(&sock_info, &key, &info, BPF_ANY))
-		return;
-	cnt->candidates++;
-	/* STATE_CB: hear of TCP_CLOSE and drop sock_info (the sockhash forgets closed sockets) */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-}
-
-static __always_inline void on_closed(struct bpf_sock_ops *skops)
-{
-	struct bypass_counters *cnt = counters_here();
-	struct sock_key key = {};
-	struct sock_info *info;
-
-	key_of_sockops(skops, &key);
-	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || info->sk != (__u64)skops->sk)
-		return;
-	if (cnt && (info->state == STATE_WAITING || info->state == STATE_READY) && info->reason < REASON_MAX)
-		cnt->closed_plain[info->reason]++;
-	bpf_map_delete_elem(&sock_info, &key);
+	info.reason = info.spliced ? REASON_SPLICED : REASON_NOT_READ;
+	if (bpf_map_update_elem(&sock_info, key, &info, BPF_ANY))
+		return NULL;
+	return bpf_map_lookup_elem(&sock_info, key);
 }
 
 SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
+	struct bypass_counters *cnt = counters_here();
+	struct bypass_control *ctl;
+	__u32 port;
+
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		on_established(skops, 0);
-		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		on_established(skops, 1);
+		if (cnt)
+			cnt->established++;
 		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == TCP_CLOSE)
-			on_closed(skops);
+	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
+		ctl = control_here();
+		port = skops->local_port;
+		if (ctl)
+			bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
 		break;
 	}
 	return 1;
@@ -343,7 +365,7 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 
 static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struct sock_key *key,
 				     struct sock_info *info, struct bypass_config *cfg,
-				     struct bypass_counters *cnt)
+				     struct bypass_counters *cnt, __u64 round)
 {
 	struct sock_key peer_key = {};
 	struct sock_info *peer;
@@ -351,23 +373,29 @@ static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struc
 
 	peer_of(key, &peer_key);
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	reason = peer ? reader_unsafe(sk, info, cfg) : REASON_PEER_OUTSIDE;
+	if (!peer) {
+		/* the peer may just come later in this round: outside only if missing a round later */
+		if (round > info->first_round)
+			set_state(info, STATE_WAITING, REASON_PEER_OUTSIDE, cnt);
+		return;
+	}
+	reason = reader_unsafe(sk, info, cfg);
 	if (reason == REASON_NONE && !has_read(tp))
 		reason = REASON_NOT_READ;
-	if (reason != REASON_NONE || !peer) {
-		set_state(info, STATE_WAITING, reason);
+	if (reason != REASON_NONE) {
+		set_state(info, STATE_WAITING, reason, cnt);
 		return;
 	}
 	if (peer->state != STATE_READY && peer->state != STATE_JOINED) {
-		set_state(info, STATE_READY, REASON_PEER_WAITING);
+		set_state(info, STATE_READY, REASON_PEER_WAITING, cnt);
 		return;
 	}
 	if (bpf_map_update_elem(&sock_map, key, tp, BPF_NOEXIST)) {
-		set_state(info, STATE_LEFT, REASON_INSERT_FAILED);
+		set_state(info, STATE_LEFT, REASON_INSERT_FAILED, cnt);
 		cnt->insert_failed++;
 		return;
 	}
-	set_state(info, STATE_JOINED, REASON_NONE);
+	set_state(info, STATE_JOINED, REASON_NONE, cnt);
 	cnt->sockets_inserted++;
 }
 
@@ -380,9 +408,8 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 	__u32 reason = detaching() ? REASON_DETACH : reader_unsafe(sk, info, cfg);
 
 	if (info->state == STATE_JOINED) {
-		if (reason == REASON_NONE)
-			return;
-		set_state(info, STATE_LEAVING, reason);
+		if (reason != REASON_NONE)
+			set_state(info, STATE_LEAVING, reason, cnt);
 		return;
 	}
 	if (psock_busy(sk)) {
@@ -393,9 +420,8 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 		return;
 	bpf_map_delete_elem(&sock_map, key);
 	cnt->sockets_left++;
-	if (info->reason < REASON_MAX)
-		cnt->left_by_reason[info->reason]++;
-	set_state(info, STATE_LEFT, info->reason);
+	count_reason(cnt->left_by_reason, info->reason);
+	set_state(info, STATE_LEFT, info->reason, cnt);
 }
 
 SEC("iter/tcp")
@@ -403,30 +429,50 @@ int bypass_join(struct bpf_iter__tcp *ctx)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_config *cfg = config_here();
+	struct bypass_control *ctl = control_here();
 	struct sock_common *skc = ctx->sk_common;
 	struct sock_key key = {};
 	struct sock_info *info;
 	struct tcp_sock *tp;
 	struct sock *sk;
+	__u32 port;
+	int state;
 
-	if (!skc || !cnt || !cfg)
+	if (!skc || !cnt || !cfg || !ctl)
 		return 0;
-	tp = bpf_skc_to_tcp_sock(skc);
+	tp = bpf_skc_to_tcp_sock(skc); /* full sockets only: not TIME_WAIT, not request socks */
 	if (!tp)
 		return 0;
 	sk = (struct sock *)tp;
-	key_of_sock(sk, &key);
-	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || info->sk != (__u64)sk)
+	if (!in_cgroup(sk, cfg->cgroup_id))
 		return 0;
+	key_of_sock(sk, &key);
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (state == TCP_LISTEN) {
+		port = key.local_port;
+		bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
+		return 0;
+	}
+	if ((key.family != AF_INET && key.family != AF_INET6) || !in_scope(cfg, &key) || !port_allowed(cfg, &key))
+		return 0;
+	info = bpf_map_lookup_elem(&sock_info, &key);
+	if (!info || info->sk != (__u64)sk) {
+		if (state != TCP_ESTABLISHED || detaching())
+			return 0;
+		info = new_info(sk, &key, ctl->round);
+		if (!info)
+			return 0;
+		cnt->candidates++;
+	}
+	info->seen_round = ctl->round;
 
 	switch (info->state) {
 	case STATE_WAITING:
 	case STATE_READY:
 		if (detaching())
-			set_state(info, STATE_LEFT, REASON_DETACH);
-		else if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_ESTABLISHED)
-			try_join(sk, tp, &key, info, cfg, cnt);
+			set_state(info, STATE_LEFT, REASON_DETACH, cnt);
+		else if (state == TCP_ESTABLISHED)
+			try_join(sk, tp, &key, info, cfg, cnt, ctl->round);
 		break;
 	case STATE_JOINED:
 	case STATE_LEAVING:
@@ -463,30 +509,33 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 }
 
 /* The owner reads this socket with splice (or sendfile): it must never receive a redirect, and
- * its service's later connections stay plain. A joined socket starts leaving at once. */
+ * its service's later connections stay plain. A joined socket starts leaving at once; one the
+ * iterator has not seen yet gets its entry here, so that it never joins. */
 static __always_inline void mark_spliced(int fd)
 {
+	struct bypass_counters *cnt = counters_here();
+	struct bypass_control *ctl = control_here();
+	struct bypass_config *cfg = config_here();
 	struct sock *sk = tcp_sock_of_fd(fd);
-	struct bypass_counters *cnt;
 	struct sock_key key = {};
 	struct sock_info *info;
 	__u64 one = 1;
 	__u32 service;
 
-	if (!sk)
+	if (!sk || !cnt || !ctl || !cfg || !in_cgroup(sk, cfg->cgroup_id))
 		return;
 	key_of_sock(sk, &key);
 	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || info->sk != (__u64)sk || info->spliced)
+	if (!info || info->sk != (__u64)sk)
+		info = new_info(sk, &key, ctl->round);
+	if (!info || info->spliced)
 		return;
 	info->spliced = 1;
 	if (info->state == STATE_WAITING || info->state == STATE_READY)
-		set_state(info, STATE_WAITING, REASON_SPLICED);
+		set_state(info, STATE_WAITING, REASON_SPLICED, cnt);
 	service = info->service_port;
 	bpf_map_update_elem(&spliced_services, &service, &one, BPF_ANY);
-	cnt = counters_here();
-	if (cnt)
-		cnt->spliced++;
+	cnt->spliced++;
 }
 
 SEC("tracepoint/syscalls/sys_enter_splice")

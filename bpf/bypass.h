@@ -17,14 +17,14 @@ struct sock_key {
  * kernel limitations"), so a socket enters the map only once netbpf has seen how its owner
  * reads it, and only together with its peer:
  *
- *   WAITING  established, plain TCP; `reason` says what it waits for
+ *   WAITING  plain TCP; `reason` says what it waits for
  *   READY    qualifies; waits for its peer to qualify too
  *   JOINED   in the sockhash; its peer may redirect into it
  *   LEAVING  in the sockhash, no longer redirected into; leaves once its queue is read
  *   LEFT     out of the sockhash again, plain TCP for the rest of its life
  *
- * sockops creates WAITING entries; the join iterator (iter/tcp, run by the agent) moves them
- * on; sk_msg redirects only into JOINED peers. */
+ * The join iterator (iter/tcp, run by the agent) finds the sockets of the cgroup and moves
+ * them on; sk_msg redirects only into JOINED peers. */
 enum sock_state {
 	STATE_WAITING = 1,
 	STATE_READY = 2,
@@ -43,23 +43,26 @@ enum plain_reason {
 	REASON_RCVLOWAT = 5,      /* SO_RCVLOWAT set: tcp_bpf reports readiness below it */
 	REASON_PEER_OUTSIDE = 6,  /* the other end is not a socket of the cgroup */
 	REASON_DETACH = 7,        /* the bypass is being detached */
-	REASON_INSERT_FAILED = 8, /* the sockhash refused it (full) */
+	REASON_INSERT_FAILED = 8, /* the sockhash refused it (full, or another bypass has it) */
 	REASON_PEER_WAITING = 9,  /* it qualifies (READY); its peer does not yet */
 	REASON_MAX = 10,
 };
 
-/* Per-socket state beside the sockhash. `sk` lets a sender read its peer's receive-side
- * fields (a sockhash lookup cannot be used from sk_msg). */
+/* Per-socket state beside the sockhash, made by the join iterator (or by the splice
+ * tracepoint, for a socket spliced before the iterator saw it). `sk` lets a sender read its
+ * peer's receive-side fields (a sockhash lookup cannot be used from sk_msg). */
 struct sock_info {
 	__u64 sk;
 	__u64 since_ns;          /* when state last changed */
 	__u64 redirected_bytes;  /* redirected into this socket */
+	__u64 seen_round;        /* the last agent round that saw the socket; the agent drops older */
+	__u64 first_round;       /* the round that found it */
 	__u32 state;             /* enum sock_state */
 	__u32 reason;            /* enum plain_reason */
+	__u32 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
 	__u16 service_port;      /* the server end's port: a spliced service stays plain */
-	__u8 passive;            /* the accepted (server) end */
 	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
-	__u32 _pad;
+	__u8 _pad;
 };
 
 enum bypass_scope {
@@ -69,6 +72,7 @@ enum bypass_scope {
 };
 
 struct bypass_config {
+	__u64 cgroup_id;      /* the cgroup (v2 id: its directory's inode) whose sockets may join */
 	__u32 scope;          /* enum bypass_scope */
 	__u32 ports_only;     /* 1: only connections with an end in allowed_ports */
 	__u32 queue_floor;    /* bytes a peer may have queued before sends fall back to TCP, at least */
@@ -77,6 +81,7 @@ struct bypass_config {
 
 /* What changes while attached. */
 struct bypass_control {
+	__u64 round;      /* the agent's round number, stamped on each socket the iterator sees */
 	__u32 detaching;  /* 1: redirect nothing more; the join iterator empties the map */
 	__u32 agent_pid;  /* the process that runs the join iterator, 0 when none */
 };
@@ -88,13 +93,14 @@ struct host_addr {
 
 /* Per-CPU counters; the tool sums them. */
 struct bypass_counters {
-	__u64 candidates;           /* established sockets of the cgroup in scope: sock_info entries */
+	__u64 established;          /* connections of the cgroup established: the agent looks soon */
+	__u64 candidates;           /* sockets of the cgroup in scope that the agent found */
 	__u64 sockets_inserted;     /* joined the sockhash */
 	__u64 sockets_left;         /* left it again, each after its redirected queue was read */
-	__u64 insert_failed;        /* sockhash full */
-	__u64 spliced;              /* sockets of the cgroup read with splice or sendfile */
-	__u64 closed_plain[REASON_MAX]; /* closed without ever joining, by the reason last seen */
-	__u64 left_by_reason[REASON_MAX]; /* sockets that left the map, by reason */
+	__u64 insert_failed;        /* sockhash refused */
+	__u64 spliced;              /* sockets read with splice or sendfile */
+	__u64 plain_by_reason[REASON_MAX]; /* sockets kept plain, each counted once per reason */
+	__u64 left_by_reason[REASON_MAX];  /* sockets that left the map, by reason */
 	__u64 redirected_msgs;
 	__u64 redirected_bytes;
 	__u64 passed_msgs;          /* messages that took the normal TCP path, for any reason below */

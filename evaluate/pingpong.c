@@ -1,13 +1,18 @@
 /* pingpong: request/response latency and one-way throughput between two local processes.
  *
- *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream] [-n REQUESTS] [-s SIZE] [-c CONNECTIONS]
- *            [-p same|cross|any] [-w WARMUP] [-d SECONDS]
+ *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short] [-e] [-n REQUESTS] [-s SIZE] [-c CONNECTIONS]
+ *            [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS]
  *
  * The server runs in a forked child (one process per connection), so both ends live in the
  * caller's cgroup. TCP sockets set TCP_NODELAY; every read and write loops over short transfers.
  * rtt: each request of SIZE bytes is echoed back whole; per-request CLOCK_MONOTONIC timestamps give
- * mean and percentiles. stream: the client sends SIZE-byte writes for SECONDS, the server reads
- * and counts. Prints one JSON object on stdout.
+ * mean and percentiles; after the warm-up requests the client pauses SETTLE_MS (default 100), so
+ * that a bypass agent sees both ends have read. stream: the client sends SIZE-byte writes for
+ * SECONDS, the server reads and counts. short: REQUESTS connections one after the other, each
+ * connect, one request and its reply, close; latency per connection.
+ * -e: event-driven, as redis, nginx or asyncio are: non-blocking sockets, and every read or write
+ * that would block waits in epoll_wait(). Without it, blocking reads and writes.
+ * Prints one JSON object on stdout.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -22,6 +27,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -31,12 +38,16 @@
 
 struct options {
 	const char *transport; /* tcp, tcp6, unix */
-	const char *mode;      /* rtt, stream */
+	const char *mode;      /* rtt, stream, short */
 	const char *placement; /* same, cross, any */
-	long requests, warmup, size;
+	long requests, warmup, size, settle_ms;
 	int connections;
 	double seconds;
+	int event_driven;
 };
+
+/* event-driven mode: this process's epoll instance, which holds its one socket */
+static int epoll_fd = -1;
 
 static void die(const char *what)
 {
@@ -74,6 +85,33 @@ static int cpu_for(const struct options *o, int role, int conn)
 	return -1;
 }
 
+/* Event-driven mode: make fd non-blocking and the one socket of this process's epoll set. */
+static void event_driven(int fd)
+{
+	struct epoll_event ev = { .events = 0, .data.fd = fd };
+
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK))
+		die("O_NONBLOCK");
+	if (epoll_fd < 0 && (epoll_fd = epoll_create1(0)) < 0)
+		die("epoll_create1");
+	if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev))
+		die("epoll_ctl add");
+}
+
+/* After EAGAIN: in event-driven mode wait until fd is ready for `events`; else try again. */
+static void wait_ready(int fd, uint32_t events)
+{
+	struct epoll_event ev = { .events = events, .data.fd = fd }, out;
+
+	if (epoll_fd < 0)
+		return;
+	if (epoll_ctl(epoll_fd, EPOLL_CTL_MOD, fd, &ev))
+		die("epoll_ctl mod");
+	while (epoll_wait(epoll_fd, &out, 1, -1) < 0)
+		if (errno != EINTR)
+			die("epoll_wait");
+}
+
 static int write_all(int fd, const char *buf, long len)
 {
 	while (len > 0) {
@@ -82,6 +120,10 @@ static int write_all(int fd, const char *buf, long len)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN) {
+				wait_ready(fd, EPOLLOUT);
+				continue;
+			}
 			return -1;
 		}
 		buf += n;
@@ -99,8 +141,12 @@ static int read_all(int fd, char *buf, long len)
 		ssize_t n = read(fd, buf + got, len - got);
 
 		if (n < 0) {
-			if (errno == EINTR || errno == EAGAIN)
+			if (errno == EINTR)
 				continue;
+			if (errno == EAGAIN) {
+				wait_ready(fd, EPOLLIN);
+				continue;
+			}
 			return -1;
 		}
 		if (n == 0)
@@ -166,6 +212,8 @@ static void serve(const struct options *o, int fd, int family)
 	char *buf = malloc(o->size > 65536 ? o->size : 65536);
 
 	nodelay(fd, family);
+	if (o->event_driven)
+		event_driven(fd);
 	if (!strcmp(o->mode, "stream")) {
 		while (read(fd, buf, 65536) > 0)
 			;
@@ -173,6 +221,53 @@ static void serve(const struct options *o, int fd, int family)
 		while (read_all(fd, buf, o->size) == 1)
 			if (write_all(fd, buf, o->size))
 				break;
+	}
+	exit(0);
+}
+
+/* short mode: one connection after another, each one request and its reply */
+static void serve_short(const struct options *o, int lfd, long count)
+{
+	char *buf = malloc(o->size);
+
+	for (long i = 0; i < count; i++) {
+		int fd = accept(lfd, NULL, NULL);
+
+		if (fd < 0)
+			die("accept");
+		nodelay(fd, AF_INET);
+		if (o->event_driven)
+			event_driven(fd);
+		if (read_all(fd, buf, o->size) != 1 || write_all(fd, buf, o->size))
+			die("short serve");
+		if (epoll_fd >= 0)
+			epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+		close(fd);
+	}
+	exit(0);
+}
+
+static void client_short(const struct options *o, const struct endpoint *ep, long count, double *lat)
+{
+	char *buf = calloc(1, o->size), *back = malloc(o->size);
+
+	pin(cpu_for(o, 1, 0));
+	for (long i = -o->warmup; i < count; i++) {
+		double t0 = now_us();
+		int fd = socket(ep->family, SOCK_STREAM, 0);
+
+		if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
+			die("connect");
+		nodelay(fd, ep->family);
+		if (o->event_driven)
+			event_driven(fd);
+		if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
+			die("short request");
+		if (epoll_fd >= 0)
+			epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+		close(fd);
+		if (i >= 0)
+			lat[i] = now_us() - t0;
 	}
 	exit(0);
 }
@@ -201,6 +296,8 @@ static void client(const struct options *o, const struct endpoint *ep, int conn,
 	if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
 		die("connect");
 	nodelay(fd, ep->family);
+	if (o->event_driven)
+		event_driven(fd);
 	pin(cpu_for(o, 1, conn));
 	for (long i = 0; i < o->size; i++)
 		buf[i] = (char)(i * 131 + conn);
@@ -215,7 +312,11 @@ static void client(const struct options *o, const struct endpoint *ep, int conn,
 		*bytes = sent;
 	} else {
 		for (long i = -o->warmup; i < count; i++) {
-			double t0 = now_us();
+			double t0;
+
+			if (i == 0 && o->settle_ms)
+				usleep(o->settle_ms * 1000);
+			t0 = now_us();
 
 			if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
 				die("echo");
@@ -233,18 +334,18 @@ static void client(const struct options *o, const struct endpoint *ep, int conn,
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream] [-n N] [-s SIZE] [-c CONNS] "
-			"[-p same|cross|any] [-w WARMUP] [-d SECONDS]\n");
+	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short] [-e] [-n N] [-s SIZE] "
+			"[-c CONNS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 1, 3.0 };
+	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 100, 1, 3.0, 0 };
 	struct endpoint ep;
 	int opt, lfd, status, failed = 0;
 
-	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:d:")) != -1) {
+	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:j:d:e")) != -1) {
 		switch (opt) {
 		case 't': o.transport = optarg; break;
 		case 'm': o.mode = optarg; break;
@@ -253,13 +354,16 @@ int main(int argc, char **argv)
 		case 'c': o.connections = atoi(optarg); break;
 		case 'p': o.placement = optarg; break;
 		case 'w': o.warmup = atol(optarg); break;
+		case 'j': o.settle_ms = atol(optarg); break;
 		case 'd': o.seconds = atof(optarg); break;
+		case 'e': o.event_driven = 1; break;
 		default: usage();
 		}
 	}
 	if (o.requests < 1 || o.size < 1 || o.connections < 1 || o.connections > 1024 || o.seconds <= 0 ||
 	    (strcmp(o.transport, "tcp") && strcmp(o.transport, "tcp6") && strcmp(o.transport, "unix")) ||
-	    (strcmp(o.mode, "rtt") && strcmp(o.mode, "stream")) ||
+	    (strcmp(o.mode, "rtt") && strcmp(o.mode, "stream") && strcmp(o.mode, "short")) || o.settle_ms < 0 ||
+	    (!strcmp(o.mode, "short") && (o.connections != 1 || !strcmp(o.transport, "unix"))) ||
 	    (strcmp(o.placement, "same") && strcmp(o.placement, "cross") && strcmp(o.placement, "any")))
 		usage();
 	if (o.warmup < 0)
@@ -274,7 +378,15 @@ int main(int argc, char **argv)
 	if (lat == MAP_FAILED)
 		die("mmap");
 	lfd = listen_on(&o, &ep);
-	for (int c = 0; c < o.connections; c++) {
+	if (!strcmp(o.mode, "short")) {
+		if (fork() == 0) {
+			pin(cpu_for(&o, 0, 0));
+			serve_short(&o, lfd, total + o.warmup);
+		}
+		if (fork() == 0)
+			client_short(&o, &ep, total, lat);
+	}
+	for (int c = 0; c < o.connections && strcmp(o.mode, "short"); c++) {
 		if (fork() == 0) { /* server for one connection */
 			int fd = accept(lfd, NULL, NULL);
 
@@ -286,7 +398,7 @@ int main(int argc, char **argv)
 		}
 	}
 	double start = now_us();
-	for (int c = 0; c < o.connections; c++)
+	for (int c = 0; c < o.connections && strcmp(o.mode, "short"); c++)
 		if (fork() == 0)
 			client(&o, &ep, c, per_conn, lat + c * per_conn, bytes + c);
 	close(lfd);
@@ -298,8 +410,9 @@ int main(int argc, char **argv)
 		return 1;
 	}
 
-	printf("{\"transport\": \"%s\", \"mode\": \"%s\", \"size\": %ld, \"connections\": %d, "
-	       "\"placement\": \"%s\", ", o.transport, o.mode, o.size, o.connections, o.placement);
+	printf("{\"transport\": \"%s\", \"mode\": \"%s\", \"io\": \"%s\", \"size\": %ld, \"connections\": %d, "
+	       "\"placement\": \"%s\", ", o.transport, o.mode, o.event_driven ? "event" : "blocking", o.size,
+	       o.connections, o.placement);
 	if (!strcmp(o.mode, "stream")) {
 		double sent = 0;
 

@@ -47,3 +47,15 @@ def kept_plain(bypass, timeout=5.0, **reasons):
         assert wait_for(judged, timeout), f"not kept plain as {reasons} within {timeout} s: {bypass.stats()}"
 
     return wait
+
+
+def rounds(bypass, count=2, timeout=10.0):
+    """An on_sync for run_in: wait until the agent has done `count` more rounds, so that it has
+    looked at every socket the child holds now."""
+
+    def wait():
+        start = bypass.obj.maps["control"][0].round
+        assert wait_for(lambda: bypass.obj.maps["control"][0].round >= start + count, timeout), \
+            "the agent did no rounds"
+
+    return wait

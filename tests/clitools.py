@@ -55,3 +55,10 @@ def run_as_nobody(fn):
         code, _, stderr = f.read().partition("\n")
     os.waitpid(pid, 0)
     return int(code), stderr
+
+
+def bpf_loaded(prefix):
+    """Whether a BPF program whose name starts with prefix is loaded in the kernel."""
+    from netbpf.loader import loaded_programs
+
+    return any(name.startswith(prefix) for _, name, _ in loaded_programs())

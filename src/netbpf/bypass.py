@@ -26,17 +26,19 @@ import threading
 import time
 from pathlib import Path
 
-from . import features, tool
-from .errors import UsageError
+from . import cgroup, features, tool
+from .errors import LibbpfError, UsageError
 from .loader import open_pinned_link
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
-MAPS = ("sock_map", "sock_info", "spliced_services", "counters", "config_map", "control", "host_addrs",
-        "allowed_ports")
+MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "counters", "config_map", "control",
+        "host_addrs", "allowed_ports")
 BPF_CGROUP_SOCK_OPS = 3
-JOIN_INTERVAL = 0.02       # seconds between passes of the join iterator
+JOIN_INTERVAL = 0.02       # seconds between rounds of the join iterator, at least
+SLOW_INTERVAL = 1.0        # between rounds while nothing new happens but sockets wait or are joined
+AGENT_CPU_SHARE = 0.05     # and at most this share of one CPU: a round visits every TCP socket
 DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their redirected data
 
 # enum sock_state and enum plain_reason of bpf/bypass.h
@@ -78,11 +80,34 @@ def refresh_host_addrs(host_addrs):
         del host_addrs[{"family": family, "ip": ip}]
 
 
-def join_pass(join_link):
-    """Run the join iterator over every TCP socket: twice, because a socket joins only when its
-    peer was READY, and the peer may come later in the same pass."""
+def join_pass(join_link, maps):
+    """One round of the agent: the join iterator over every TCP socket, twice (a socket joins
+    only when its peer was READY, and the peer may come later in the same round), then forget
+    the sockets and listeners that round did not see: they are closed. Returns (how many
+    sockets it tracks that are not LEFT, whether some are LEAVING)."""
+    control = maps["control"]
+    this_round = control[0].round + 1
+    control[0] = control[0]._replace(round=this_round)
     join_link.run_iter()
     join_link.run_iter()
+    tracked, leaving = 0, False
+    for key, info in maps["sock_info"].items():
+        if info.seen_round < this_round:
+            maps["sock_info"].pop(key, None)
+        elif STATES.get(info.state) != "left":
+            tracked += 1
+            leaving |= info.state == LEAVING
+    for port, seen in maps["listeners"].items():
+        if seen < this_round:
+            maps["listeners"].pop(port, None)
+    return tracked, leaving
+
+
+def agent_step(join_link, maps, count_only=False):
+    """What run_paced() needs: the connections established so far and, unless count_only,
+    join_pass()'s (tracked, leaving) after a round."""
+    established = maps["counters"].sum(0).established
+    return established if count_only else (established, *join_pass(join_link, maps))
 
 
 def drain(join_link, maps, timeout):
@@ -93,7 +118,7 @@ def drain(join_link, maps, timeout):
     control[0] = control[0]._replace(detaching=1)
     deadline = time.monotonic() + timeout
     while True:
-        join_pass(join_link)
+        join_pass(join_link, maps)
         if len(maps["sock_map"]) == 0:
             return []
         if time.monotonic() >= deadline:
@@ -151,7 +176,7 @@ class Bypass(tool.Attachment):
     NAME = "bypass"
     MAPS = MAPS
     MARKER = (BPF_CGROUP_SOCK_OPS, "bypass_sockops")
-    PIN_CHECK = "sockops"
+    PIN_CHECK = "join"
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,
                  queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=False, drain_timeout=DRAIN_TIMEOUT,
@@ -179,7 +204,8 @@ class Bypass(tool.Attachment):
             obj.maps[name].max_entries = self.max_sockets
 
     def _configure(self, maps):
-        maps["config_map"][0] = {"scope": SCOPES[self.scope], "ports_only": int(bool(self.ports)),
+        maps["config_map"][0] = {"cgroup_id": cgroup.cgroup_id(self.cgroup),
+                                 "scope": SCOPES[self.scope], "ports_only": int(bool(self.ports)),
                                  "queue_floor": self.queue_floor,
                                  "allow_blocking": int(self.allow_blocking_readers)}
         maps["control"][0] = {"detaching": 0, "agent_pid": 0}
@@ -189,11 +215,11 @@ class Bypass(tool.Attachment):
 
     def _attach_links(self):
         progs, maps = self.obj.programs, self.obj.maps
-        # everything that judges and redirects is in place before sockops records sockets
-        yield "sk_msg", lambda: progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
-        yield "join", lambda: progs["bypass_join"].attach_iter()
+        # splice readers are marked before the first socket can join
         yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
         yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
+        yield "sk_msg", lambda: progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
+        yield "join", lambda: progs["bypass_join"].attach_iter()
         yield "sockops", lambda: progs["bypass_sockops"].attach_cgroup(self.cgroup)
 
     def attach(self):
@@ -204,18 +230,18 @@ class Bypass(tool.Attachment):
         return self
 
     def _run_agent(self):
-        while not self._agent_stop.wait(JOIN_INTERVAL):
-            self.tick()
+        run_paced(self.tick, self._agent_stop)
 
     def pin(self, pin_dir):
         super().pin(pin_dir)
         self.pinned = True
 
-    def tick(self):
-        """One round of joining and leaving (the agent's work); nothing once closed."""
+    def tick(self, count_only=False):
+        """One round of joining and leaving (the agent's work; see agent_step)."""
         join_link = self.links.get("join")
-        if join_link is not None:
-            join_pass(join_link)
+        if join_link is None:  # closed
+            return 0 if count_only else (0, 0, False)
+        return agent_step(join_link, self.obj.maps, count_only)
 
     def close(self):
         """Unless pinned: stop redirecting, let readers take what was redirected to them (up to
@@ -229,7 +255,7 @@ class Bypass(tool.Attachment):
         if self.obj is not None and not self.pinned and "join" in self.links:
             sockops = self.links.pop("sockops", None)
             if sockops is not None:
-                sockops.close()  # record no new sockets
+                sockops.close()  # the mark of an attached bypass: another may attach now
             self.still_draining = drain(self.links["join"], self.obj.maps, self.drain_timeout)
         super().close()
 
@@ -249,7 +275,7 @@ class Bypass(tool.Attachment):
         the pins stay (run detach again to finish) unless force, which removes them anyway
         (those connections keep the map, redirecting nothing, until they close)."""
         pin_dir = Path(pin_dir)
-        if not cls.is_pinned(pin_dir) and not (pin_dir / "join").exists():
+        if not cls.is_pinned(pin_dir):
             return super().detach_pinned(pin_dir) and []
         with cls.pinned_maps(pin_dir) as maps:
             stop_agent(maps["control"])
@@ -289,19 +315,48 @@ def stop_agent(control, timeout=5.0):
     control[0] = control[0]._replace(agent_pid=0)
 
 
+def run_paced(step, stop):
+    """The agent's loop, until the threading.Event stop is set. step() runs a round and returns
+    (connections established so far, sockets in the map or waiting to join, whether some are
+    leaving). A round visits every TCP socket of the host, so the agent runs one:
+      - every JOIN_INTERVAL for a second after connections were established (they join once
+        both ends have read), and while sockets leave (they leave once their queue is read);
+      - every SLOW_INTERVAL while other sockets wait or are joined (a joined socket that turns
+        unsafe stops receiving redirects at once; leaving the map can wait);
+      - not at all while the cgroup has none;
+    and never more than AGENT_CPU_SHARE of one CPU (tens of thousands of sockets slow a round)."""
+    seen_established, busy_until, rest, last_round = None, 0.0, 0.0, 0.0
+    established, tracked, leaving = step()
+    while not stop.wait(max(rest, JOIN_INTERVAL)):
+        now = time.monotonic()
+        if established != seen_established:
+            busy_until = now + 1.0
+        seen_established = established
+        fast = now < busy_until or leaving
+        if not (fast or (tracked and now - last_round >= SLOW_INTERVAL)):
+            established, rest = step(count_only=True), 0.0
+            continue
+        established, tracked, leaving = step()
+        last_round = time.monotonic()
+        rest = (last_round - now) / AGENT_CPU_SHARE
+
+
 def run_agent(pin_dir):
     """The agent of a pinned bypass: run the join iterator until SIGTERM or the pins are gone."""
     pin_dir = Path(pin_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     with Bypass.pinned_maps(pin_dir) as maps, open_pinned_link(pin_dir / "join") as join_link:
         control = maps["control"]
         control[0] = control[0]._replace(agent_pid=os.getpid())
 
-        def step():
+        def step(count_only=False):
             if not (pin_dir / "join").exists() or control[0].detaching:
-                raise tool.Stop()
-            join_pass(join_link)
+                stop.set()
+            return agent_step(join_link, maps, count_only)
 
-        tool.run_until_signalled(step, JOIN_INTERVAL)
+        run_paced(step, stop)
     return 0
 
 
@@ -311,7 +366,7 @@ def _by_reason(values):
 
 def _stats(maps):
     counters = maps["counters"].sum(0)._asdict()
-    counters["closed_plain"] = _by_reason(counters["closed_plain"])
+    counters["plain_by_reason"] = _by_reason(counters["plain_by_reason"])
     counters["left_by_reason"] = _by_reason(counters["left_by_reason"])
     counters["sockets"] = len(maps["sock_map"])
     waiting = [0] * len(REASONS)
@@ -334,9 +389,8 @@ def status(pin_dir=DEFAULT_PIN_DIR):
         sk_msg = open_pinned_link(pin_dir / "sk_msg")
         mechanism = sk_msg.kind
         sk_msg.close()
-        cgroup = tool.link_cgroup(pin_dir / "sockops") if (pin_dir / "sockops").exists() else None
-        return {"attached": Bypass.is_pinned(pin_dir), "detaching": bool(control.detaching),
-                "cgroup": cgroup, "pin_dir": str(pin_dir),
+        return {"attached": True, "detaching": bool(control.detaching),
+                "cgroup": tool.cgroup_path_of_id(config.cgroup_id), "pin_dir": str(pin_dir),
                 "scope": {v: k for k, v in SCOPES.items()}[config.scope],
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
                 "queue_floor": config.queue_floor, "allow_blocking_readers": bool(config.allow_blocking),
@@ -371,7 +425,7 @@ def show_status(info):
         print("  blocking readers allowed (--allow-blocking-readers): they may see EAGAIN and short "
               "MSG_WAITALL reads")
     print(f"  sockets in the map {info['sockets']}; kept plain now: {_reasons_text(info['plain_now'])}")
-    print(f"  closed without joining: {_reasons_text(info['closed_plain'])}; "
+    print(f"  ever kept plain (sockets, by reason): {_reasons_text(info['plain_by_reason'])}; "
           f"left the map: {_reasons_text(info['left_by_reason'])}")
     print(f"  redirected {info['redirected_msgs']} messages ({info['redirected_bytes']} bytes); "
           f"passed {info['passed_msgs']} ({info['passed_no_peer']} no peer, "

@@ -76,6 +76,8 @@ ffi.cdef(
     int bpf_obj_get(const char *pathname);
     int bpf_obj_get_info_by_fd(int fd, void *info, uint32_t *info_len);
     int bpf_prog_get_fd_by_id(uint32_t id);
+    int bpf_prog_get_next_id(uint32_t start_id, uint32_t *next_id);
+    int bpf_map_get_fd_by_id(uint32_t id);
 
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);

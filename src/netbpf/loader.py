@@ -432,6 +432,26 @@ def _remove_pin_dir(path):
     os.rmdir(path)
 
 
+def loaded_programs():
+    """(id, name, [ids of the maps it uses]) of every BPF program loaded in the kernel."""
+    found, prog_id = [], ffi.new("uint32_t *", 0)
+    while lib.bpf_prog_get_next_id(prog_id[0], prog_id) == 0:
+        fd = lib.bpf_prog_get_fd_by_id(prog_id[0])
+        if fd < 0:
+            continue  # unloaded meanwhile
+        try:
+            count = _obj_info(fd, "bpf_prog_info").nr_map_ids
+            info = ffi.new("struct bpf_prog_info *")
+            map_ids = ffi.new("uint32_t[]", max(count, 1))
+            info.nr_map_ids, info.map_ids = count, int(ffi.cast("uintptr_t", map_ids))
+            size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+            check(lib.bpf_obj_get_info_by_fd(fd, info, size), "read bpf_prog_info")
+            found.append((prog_id[0], ffi.string(info.name).decode(), list(map_ids[0:min(count, info.nr_map_ids)])))
+        finally:
+            os.close(fd)
+    return found
+
+
 def open_pinned_link(path):
     """Reopen a pinned Link (or pinned ProgAttachment directory) so that it can be detached."""
     try:
@@ -492,7 +512,18 @@ class Map(MutableMapping):
     @classmethod
     def open_pinned(cls, path, like=None):
         """A pinned map; `like` (a Map from the same object file) lends its BTF codecs."""
-        fd = _bpf_obj_get(path)
+        return cls._of_fd(_bpf_obj_get(path), like)
+
+    @classmethod
+    def open_id(cls, map_id, like=None):
+        """A map loaded in the kernel, by id (see loaded_programs)."""
+        fd = lib.bpf_map_get_fd_by_id(map_id)
+        if fd < 0:
+            raise LibbpfError(f"open map id {map_id}", fd)
+        return cls._of_fd(fd, like)
+
+    @classmethod
+    def _of_fd(cls, fd, like):
         info = _obj_info(fd, "bpf_map_info")
         key = like.key_codec if like is not None else _btf.plain_codec(info.key_size)
         value = like.value_codec if like is not None else _btf.plain_codec(info.value_size)

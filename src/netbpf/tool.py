@@ -207,6 +207,7 @@ class Attachment:
         NAME       the tool, and its object file NAME.bpf.o
         MAPS       the maps pinned beside the links, which status reads back
         MARKER     (attach type, program name): seeing it on a cgroup means "already attached"
+                   (or the subclass's own _already_attached())
         PIN_CHECK  a pin that exists exactly when the tool is attached with pins
 
     and fills in _prepare(obj) before load, _configure(maps) after load, and _attach_links(),
@@ -231,9 +232,13 @@ class Attachment:
     def _load(self):
         self.obj.load()
 
-    def attach(self):
+    def _already_attached(self):
+        """Whether this tool is attached to self.cgroup already (its MARKER program is there)."""
         attach_type, program = self.MARKER
-        if program in prog_names_on(self.cgroup, attach_type):
+        return program in prog_names_on(self.cgroup, attach_type)
+
+    def attach(self):
+        if self._already_attached():
             raise UsageError(f"{self.NAME} is already attached to {self.cgroup} (detach it first)")
         from . import object_path
         from .loader import Object
