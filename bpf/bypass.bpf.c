@@ -8,13 +8,16 @@
  *
  *   sockops       counts the connections of the cgroup as they establish, which tells the
  *                 agent when to look, and notes the ports the cgroup listens on;
- *   bypass_join   an iter/tcp program the agent runs every few milliseconds: finds the
- *                 established sockets of the cgroup, moves one to READY once its file is
- *                 non-blocking and its owner has read from it without splice, inserts it into
- *                 sock_map once its peer is READY too, and takes a JOINED socket out again, once
- *                 its redirected queue is read, when it turns blocking or spliced, or on detach.
- *                 A connection that ends before the agent looks (connect, one request, close)
- *                 costs no more than the count;
+ *   bypass_join   an iterator over the open files of every process (iter/task_file) that the
+ *                 agent runs every few milliseconds: finds the TCP sockets of the cgroup, moves
+ *                 one to READY once its file is non-blocking and its owner has read from it
+ *                 without splice, inserts it into sock_map once its peer is READY too, and takes a
+ *                 JOINED socket out again, once its redirected queue is read, when it turns
+ *                 blocking or spliced, or on detach. A connection that ends before the agent
+ *                 looks (connect, one request, close) costs nothing but the count. (Walking the
+ *                 TCP hash tables with iter/tcp instead would be cheaper, but its batching takes
+ *                 references on half-open request sockets unsafely before 6.18.45 and 6.1.183:
+ *                 CVE-2026-74714, seen here as a refcount use-after-free warning.)
  *   tracepoints   mark a socket read with splice() or used as sendfile()'s source, and its
  *                 service, whose later connections then stay plain;
  *   sk_msg        on every send of a socket in the map, moves the message straight into the
@@ -338,24 +341,42 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 	return bpf_map_lookup_elem(&sock_info, key);
 }
 
+/* Established sockets the bypass may take: IPv4/IPv6 with a local peer (scope) on an allowed port. */
+static __always_inline int in_reach(struct bypass_config *cfg, struct sock_key *key)
+{
+	return (key->family == AF_INET || key->family == AF_INET6) && in_scope(cfg, key) && port_allowed(cfg, key);
+}
+
+static __always_inline void note_listener(__u32 port)
+{
+	struct bypass_control *ctl = control_here();
+
+	if (ctl)
+		bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
+}
+
 SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct bypass_control *ctl;
 	__u32 port;
 
+	if (!cnt)
+		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (cnt)
-			cnt->established++;
+		cnt->established++;
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
-		ctl = control_here();
-		port = skops->local_port;
-		if (ctl)
-			bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
+		note_listener(skops->local_port);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[0] == TCP_LISTEN && skops->args[1] == TCP_CLOSE) {
+			port = skops->local_port;
+			bpf_map_delete_elem(&listeners, &port);
+		}
 		break;
 	}
 	return 1;
@@ -424,36 +445,39 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 	set_state(info, STATE_LEFT, info->reason, cnt);
 }
 
-SEC("iter/tcp")
-int bypass_join(struct bpf_iter__tcp *ctx)
+SEC("iter/task_file")
+int bypass_join(struct bpf_iter__task_file *ctx)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_config *cfg = config_here();
 	struct bypass_control *ctl = control_here();
-	struct sock_common *skc = ctx->sk_common;
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
 	struct sock_key key = {};
 	struct sock_info *info;
+	struct socket *sock;
 	struct tcp_sock *tp;
 	struct sock *sk;
-	__u32 port;
 	int state;
 
-	if (!skc || !cnt || !cfg || !ctl)
+	if (!file || !task || !cnt || !cfg || !ctl)
 		return 0;
-	tp = bpf_skc_to_tcp_sock(skc); /* full sockets only: not TIME_WAIT, not request socks */
-	if (!tp)
+	sock = bpf_sock_from_file(file);
+	if (!sock)
 		return 0;
-	sk = (struct sock *)tp;
-	if (!in_cgroup(sk, cfg->cgroup_id))
+	sk = sock->sk;
+	if (!sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp || !in_cgroup(sk, cfg->cgroup_id))
 		return 0;
 	key_of_sock(sk, &key);
 	state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	if (state == TCP_LISTEN) {
-		port = key.local_port;
-		bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
+		note_listener(key.local_port);
 		return 0;
 	}
-	if ((key.family != AF_INET && key.family != AF_INET6) || !in_scope(cfg, &key) || !port_allowed(cfg, &key))
+	if (!in_reach(cfg, &key))
 		return 0;
 	info = bpf_map_lookup_elem(&sock_info, &key);
 	if (!info || info->sk != (__u64)sk) {
@@ -464,7 +488,11 @@ int bypass_join(struct bpf_iter__tcp *ctx)
 			return 0;
 		cnt->candidates++;
 	}
-	info->seen_round = ctl->round;
+	if (info->seen_round != ctl->round) { /* the first of its owners this round */
+		info->seen_round = ctl->round;
+		info->pid = BPF_CORE_READ(task, tgid);
+		BPF_CORE_READ_STR_INTO(&info->comm, task, comm);
+	}
 
 	switch (info->state) {
 	case STATE_WAITING:

@@ -23,8 +23,8 @@ struct sock_key {
  *   LEAVING  in the sockhash, no longer redirected into; leaves once its queue is read
  *   LEFT     out of the sockhash again, plain TCP for the rest of its life
  *
- * The join iterator (iter/tcp, run by the agent) finds the sockets of the cgroup and moves
- * them on; sk_msg redirects only into JOINED peers. */
+ * The join iterator (run by the agent) finds the sockets of the cgroup in the processes' open
+ * files and moves them on; sk_msg redirects only into JOINED peers. */
 enum sock_state {
 	STATE_WAITING = 1,
 	STATE_READY = 2,
@@ -60,9 +60,11 @@ struct sock_info {
 	__u32 state;             /* enum sock_state */
 	__u32 reason;            /* enum plain_reason */
 	__u32 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
+	__u32 pid;               /* a process that has it open (the join iterator found it there) */
 	__u16 service_port;      /* the server end's port: a spliced service stays plain */
 	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
 	__u8 _pad;
+	char comm[16];           /* that process's name */
 };
 
 enum bypass_scope {

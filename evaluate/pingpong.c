@@ -215,8 +215,14 @@ static void serve(const struct options *o, int fd, int family)
 	if (o->event_driven)
 		event_driven(fd);
 	if (!strcmp(o->mode, "stream")) {
-		while (read(fd, buf, 65536) > 0)
-			;
+		for (;;) {
+			ssize_t n = read(fd, buf, 65536);
+
+			if (n < 0 && errno == EAGAIN)
+				wait_ready(fd, EPOLLIN);
+			else if (n == 0 || (n < 0 && errno != EINTR))
+				break;
+		}
 	} else {
 		while (read_all(fd, buf, o->size) == 1)
 			if (write_all(fd, buf, o->size))

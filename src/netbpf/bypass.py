@@ -81,10 +81,10 @@ def refresh_host_addrs(host_addrs):
 
 
 def join_pass(join_link, maps):
-    """One round of the agent: the join iterator over every TCP socket, twice (a socket joins
+    """One round of the agent: the join iterator over the processes' open files, twice (a socket joins
     only when its peer was READY, and the peer may come later in the same round), then forget
-    the sockets and listeners that round did not see: they are closed. Returns (how many
-    sockets it tracks that are not LEFT, whether some are LEAVING)."""
+    the sockets that round did not see: they are closed. Returns (how many sockets it tracks
+    that are not LEFT, whether some are LEAVING)."""
     control = maps["control"]
     this_round = control[0].round + 1
     control[0] = control[0]._replace(round=this_round)
@@ -97,9 +97,6 @@ def join_pass(join_link, maps):
         elif STATES.get(info.state) != "left":
             tracked += 1
             leaving |= info.state == LEAVING
-    for port, seen in maps["listeners"].items():
-        if seen < this_round:
-            maps["listeners"].pop(port, None)
     return tracked, leaving
 
 
@@ -126,47 +123,18 @@ def drain(join_link, maps, timeout):
         time.sleep(JOIN_INTERVAL)
 
 
-def socket_owners():
-    """{(local 'ip:port', remote 'ip:port'): (pid, comm)} of established TCP sockets, from `ss -p`."""
-    try:
-        out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    owners = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) < 5 or "pid=" not in line:
-            continue
-        users = line[line.index("users:"):]
-        comm = users.split('"')[1]
-        pid = int(users.split("pid=")[1].split(",")[0])
-        owners[(_normal_endpoint(fields[2]), _normal_endpoint(fields[3]))] = (pid, comm)
-    return owners
-
-
-def _normal_endpoint(text):
-    host, _, port = text.rpartition(":")
-    ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return f"{ip}:{port}"
-
-
-def connections(maps, owners=None):
-    """The sockets in the map: tuple, state, bytes redirected into them, and the owning process
-    where `ss` can tell."""
-    owners = socket_owners() if owners is None else owners
+def connections(maps):
+    """The sockets in the map: tuple, state, bytes redirected into them, and a process that
+    has the socket open (as the join iterator last found it)."""
     found = []
     for key, info in maps["sock_info"].items():
         if info.state not in (JOINED, LEAVING):
             continue
-        local = f"{_ip_text(key.family, key.local_ip)}:{key.local_port}"
-        remote = f"{_ip_text(key.family, key.remote_ip)}:{key.remote_port}"
-        pid, comm = owners.get((local, remote), (None, None))
-        found.append({"local": local, "remote": remote, "state": STATES[info.state],
+        found.append({"local": f"{_ip_text(key.family, key.local_ip)}:{key.local_port}",
+                      "remote": f"{_ip_text(key.family, key.remote_ip)}:{key.remote_port}",
+                      "state": STATES[info.state],
                       "reason": REASONS[info.reason] if info.reason < len(REASONS) else str(info.reason),
-                      "redirected_bytes": info.redirected_bytes, "pid": pid, "comm": comm})
+                      "redirected_bytes": info.redirected_bytes, "pid": info.pid or None, "comm": info.comm})
     return sorted(found, key=lambda c: (c["local"], c["remote"]))
 
 
@@ -198,6 +166,7 @@ class Bypass(tool.Attachment):
         self.pinned = False
         self.still_draining = []  # what close() could not drain in time
         self._agent = self._agent_stop = None
+        self._round_lock = threading.Lock()  # one round at a time: tick() may also be called directly
 
     def _prepare(self, obj):
         for name in ("sock_map", "sock_info"):
@@ -241,7 +210,8 @@ class Bypass(tool.Attachment):
         join_link = self.links.get("join")
         if join_link is None:  # closed
             return 0 if count_only else (0, 0, False)
-        return agent_step(join_link, self.obj.maps, count_only)
+        with self._round_lock:
+            return agent_step(join_link, self.obj.maps, count_only)
 
     def close(self):
         """Unless pinned: stop redirecting, let readers take what was redirected to them (up to

@@ -45,7 +45,10 @@ ffi.cdef(
     struct bpf_link *bpf_program__attach_tracepoint(const struct bpf_program *prog,
                                                     const char *category, const char *name);
     struct bpf_link *bpf_program__attach_sockmap(const struct bpf_program *prog, int map_fd);
-    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog, const void *opts);
+    struct bpf_iter_link_info { uint32_t map_fd; uint32_t _rest[3]; };  /* union bpf_iter_link_info */
+    struct bpf_iter_attach_opts { size_t sz; struct bpf_iter_link_info *link_info; uint32_t link_info_len; };
+    struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog,
+                                              const struct bpf_iter_attach_opts *opts);
     int bpf_iter_create(int link_fd);
 
     const char *bpf_map__name(const struct bpf_map *map);

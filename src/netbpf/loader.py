@@ -261,9 +261,17 @@ class Program:
               f"attach {self.name} to map {sockmap.name}")
         return self._track(ProgAttachment(self.fd, target_fd, attach_type, self.name))
 
-    def attach_iter(self):
-        """Attach an iterator program (SEC("iter/...")); the Link's run_iter() runs a pass."""
-        ptr = lib.bpf_program__attach_iter(self._prog, ffi.NULL)
+    def attach_iter(self, map=None):
+        """Attach an iterator program (SEC("iter/...")); the Link's run_iter() runs a pass. An
+        iterator over a map's elements (iter/bpf_map_elem, iter/bpf_sk_storage_map, ...) takes
+        the Map it walks."""
+        opts = ffi.NULL
+        if map is not None:
+            info = ffi.new("struct bpf_iter_link_info *", {"map_fd": map.fd})
+            opts = ffi.new("struct bpf_iter_attach_opts *", {"sz": ffi.sizeof("struct bpf_iter_attach_opts"),
+                                                             "link_info": info,
+                                                             "link_info_len": ffi.sizeof(info[0])})
+        ptr = lib.bpf_program__attach_iter(self._prog, opts)
         check_ptr(ptr, f"attach iterator {self.name}")
         return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
 
