@@ -85,10 +85,11 @@ static int cpu_for(const struct options *o, int role, int conn)
 	return -1;
 }
 
-/* Event-driven mode: make fd non-blocking and the one socket of this process's epoll set. */
+/* Event-driven mode: make fd non-blocking and the one socket of this process's epoll set,
+ * watched for input as an event loop does; output only while a write waits for room. */
 static void event_driven(int fd)
 {
-	struct epoll_event ev = { .events = 0, .data.fd = fd };
+	struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
 
 	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK))
 		die("O_NONBLOCK");
@@ -105,11 +106,14 @@ static void wait_ready(int fd, uint32_t events)
 
 	if (epoll_fd < 0)
 		return;
-	if (epoll_ctl(epoll_fd, EPOLL_CTL_MOD, fd, &ev))
+	if (events != EPOLLIN && epoll_ctl(epoll_fd, EPOLL_CTL_MOD, fd, &ev))
 		die("epoll_ctl mod");
 	while (epoll_wait(epoll_fd, &out, 1, -1) < 0)
 		if (errno != EINTR)
 			die("epoll_wait");
+	ev.events = EPOLLIN;
+	if (events != EPOLLIN && epoll_ctl(epoll_fd, EPOLL_CTL_MOD, fd, &ev))
+		die("epoll_ctl mod");
 }
 
 static int write_all(int fd, const char *buf, long len)
@@ -138,7 +142,11 @@ static int read_all(int fd, char *buf, long len)
 	long got = 0;
 
 	while (got < len) {
-		ssize_t n = read(fd, buf + got, len - got);
+		ssize_t n;
+
+		if (epoll_fd >= 0) /* an event loop reads when epoll says there is something to read */
+			wait_ready(fd, EPOLLIN);
+		n = read(fd, buf + got, len - got);
 
 		if (n < 0) {
 			if (errno == EINTR)
