@@ -25,7 +25,7 @@ def bypass(cg):
         yield attached_bypass
 
 
-def joined(bypass, sockets=2, timeout=5.0):
+def joined(bypass, sockets=2, timeout=20.0):
     """An on_sync for run_in: wait until `sockets` sockets are in the map."""
 
     def wait():
@@ -35,7 +35,7 @@ def joined(bypass, sockets=2, timeout=5.0):
     return wait
 
 
-def kept_plain(bypass, timeout=5.0, **reasons):
+def kept_plain(bypass, timeout=20.0, **reasons):
     """An on_sync for run_in: wait until the agent has judged open sockets and keeps them plain,
     at least reasons[reason] of them for each reason (names of netbpf.bypass.REASONS)."""
 

@@ -31,8 +31,10 @@ def pinned_sockets(pins):
 
 
 def joined_in(pins, count=2):
+    """An on_sync: wait until the background agent has joined `count` sockets (it starts as a new
+    Python process: seconds under emulation in the VM)."""
     def wait():
-        assert wait_for(lambda: pinned_sockets(pins) >= count), "the agent did not join the sockets"
+        assert wait_for(lambda: pinned_sockets(pins) >= count, timeout=60), "the agent did not join the sockets"
 
     return wait
 

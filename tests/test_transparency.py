@@ -476,6 +476,15 @@ def test_a_spliced_service_stays_plain_from_its_next_connection_on(bypass, cg):
     assert bypass.stats()["plain_by_reason"].get("spliced") in (3, 4)
 
 
+def when_writable(sock, call, *args):
+    """call(*args) on a non-blocking socket, waiting in poll while its send buffer is full."""
+    while True:
+        try:
+            return call(*args)
+        except BlockingIOError:
+            select.select([], [sock], [], 5.0)
+
+
 def zero_copy_writers(path, size):
     srv, cli, conn = joinable_pair()
     out = {}
@@ -484,14 +493,14 @@ def zero_copy_writers(path, size):
     with open(path, "rb") as f:
         offset = 0
         while offset < size:
-            offset += os.sendfile(cli.fileno(), f.fileno(), offset, size - offset)
+            offset += when_writable(cli, os.sendfile, cli.fileno(), f.fileno(), offset, size - offset)
     r, w = os.pipe()
     chunk = PATTERN[:60000]
     for _ in range(10):
         os.write(w, chunk)
         left = len(chunk)
         while left:
-            left -= os.splice(r, cli.fileno(), left)
+            left -= when_writable(cli, os.splice, r, cli.fileno(), left)
     cli.shutdown(socket.SHUT_WR)
     reader.join()
     close_all(srv, cli, conn)
