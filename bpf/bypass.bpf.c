@@ -23,7 +23,7 @@
  *   sk_msg        on every send of a socket in the map, moves the message straight into the
  *                 peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that is safe,
  *                 and otherwise lets it take the normal TCP path. It is safe when
- *                   - the peer is JOINED and still reads as it did when it joined;
+ *                   - the peer is JOINED, and has not spliced nor set SO_RCVLOWAT since;
  *                   - the peer has read everything we ever sent the TCP way (our write_seq ==
  *                     its copied_seq): the receiver drains redirected data before its TCP queue;
  *                   - the peer's receive queue is under its limit: the redirect path has no
@@ -324,9 +324,10 @@ static __always_inline __u16 service_of(const struct sock_key *key)
 	return bpf_map_lookup_elem(&listeners, &port) ? key->local_port : key->remote_port;
 }
 
-static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_key *key, __u64 round)
+static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_key *key, __u64 round,
+					       struct bypass_counters *cnt)
 {
-	struct sock_info info = {};
+	struct sock_info info = {}, *made;
 	__u32 service = service_of(key);
 
 	info.sk = (__u64)sk;
@@ -335,10 +336,12 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 	info.state = STATE_WAITING;
 	info.service_port = service;
 	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
-	info.reason = info.spliced ? REASON_SPLICED : REASON_NOT_READ;
 	if (bpf_map_update_elem(&sock_info, key, &info, BPF_ANY))
 		return NULL;
-	return bpf_map_lookup_elem(&sock_info, key);
+	made = bpf_map_lookup_elem(&sock_info, key);
+	if (made)
+		set_state(made, STATE_WAITING, made->spliced ? REASON_SPLICED : REASON_NOT_READ, cnt);
+	return made;
 }
 
 /* Established sockets the bypass may take: IPv4/IPv6 with a local peer (scope) on an allowed port. */
@@ -483,7 +486,7 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 	if (!info || info->sk != (__u64)sk) {
 		if (state != TCP_ESTABLISHED || detaching())
 			return 0;
-		info = new_info(sk, &key, ctl->round);
+		info = new_info(sk, &key, ctl->round, cnt);
 		if (!info)
 			return 0;
 		cnt->candidates++;
@@ -555,7 +558,7 @@ static __always_inline void mark_spliced(int fd)
 	key_of_sock(sk, &key);
 	info = bpf_map_lookup_elem(&sock_info, &key);
 	if (!info || info->sk != (__u64)sk)
-		info = new_info(sk, &key, ctl->round);
+		info = new_info(sk, &key, ctl->round, cnt);
 	if (!info || info->spliced)
 		return;
 	info->spliced = 1;
@@ -612,8 +615,10 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	if (!peer || peer->state != STATE_JOINED || !cfg || !msg->sk)
 		return pass(cnt, &cnt->passed_no_peer, size);
 
+	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
+	 * peers must get nothing more from now on (splice never sees it; poll would report it). */
 	psk = (struct sock *)peer->sk;
-	if (reader_unsafe(psk, peer, cfg) != REASON_NONE)
+	if (peer->spliced || BPF_CORE_READ(psk, sk_rcvlowat) > 1)
 		return pass(cnt, &cnt->passed_peer_unsafe, size);
 
 	self = bpf_skc_to_tcp_sock(msg->sk);

@@ -108,7 +108,7 @@ struct bypass_counters {
 	__u64 passed_msgs;          /* messages that took the normal TCP path, for any reason below */
 	__u64 passed_bytes;
 	__u64 passed_no_peer;       /* peer not joined (another host, outside the cgroup, not yet) */
-	__u64 passed_peer_unsafe;   /* peer turned blocking, spliced or set SO_RCVLOWAT: stops at once */
+	__u64 passed_peer_unsafe;   /* peer spliced or set SO_RCVLOWAT: stops at once */
 	__u64 passed_unread_plain;  /* the peer has not read all data that went the TCP way: order */
 	__u64 passed_peer_full;     /* the peer's receive queue is over its limit: memory bound */
 	__u64 passed_detaching;     /* detach in progress */

@@ -46,6 +46,7 @@ error_log stderr error;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    keepalive_requests 1000000;  # wrk keeps its connections (nginx's default closes each after 1000)
     client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};
     uwsgi_temp_path {dir}; scgi_temp_path {dir};
     server {{
@@ -254,7 +255,11 @@ def machine():
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+GROUPS = ("latency", "blocking", "concurrency", "stream", "short", "redis", "peers")
+
+
 def run_all(args):
+    wanted = set(args.only.split(",")) if args.only else set(GROUPS)
     bench = Bench(args.reps, args.quick)
     sizes = [64, 1024, 16384, 65536] if not args.quick else [64, 1024, 65536]
     placements = ["same", "cross"]
@@ -263,36 +268,39 @@ def run_all(args):
     report = {"machine": machine(), "reps": args.reps, "latency": [], "concurrency": [], "stream": [],
               "short": []}
     try:
-        runs = [(size, placement, "event") for placement in placements for size in sizes]
-        runs += [(1024, placement, "blocking") for placement in placements]
+        runs = [(size, placement, "event") for placement in placements for size in sizes
+                if "latency" in wanted]
+        runs += [(1024, placement, "blocking") for placement in placements if "blocking" in wanted]
         for size, placement, io in runs:
             res = bench.latency(size, placement, io=io)
             for metric in ("p50_us", "p99_us", "mean_us"):
                 summary = summarize(res, metric)
                 report["latency"].append({"size": size, "placement": placement, "io": io, "metric": metric,
                                           "summary": summary, "ratios": ratios(summary)})
-        for conns in concurrency[1:]:
+        for conns in concurrency[1:] if "concurrency" in wanted else ():
             res = bench.latency(1024, "any", conns)
             for metric in ("requests_per_s", "p50_us", "p99_us"):
                 summary = summarize(res, metric)
                 report["concurrency"].append({"connections": conns, "metric": metric, "summary": summary,
                                               "ratios": ratios(summary)})
-        for placement in placements:
+        for placement in placements if "stream" in wanted else ():
             summary = summarize(bench.stream(65536, placement), "mbytes_per_s")
             report["stream"].append({"size": 65536, "placement": placement, "summary": summary,
                                      "ratios": ratios(summary)})
-        for placement in ("same", "any"):
+        for placement in ("same", "any") if "short" in wanted else ():
             summary = summarize(bench.short(placement), "requests_per_s")
             report["short"].append({"size": 64, "placement": placement, "summary": summary,
                                     "ratios": ratios(summary)})
-        redis = bench.redis()
+        redis = bench.redis() if "redis" in wanted else None
         if redis:
             report["redis"] = [{"test": t, "summary": summarize(redis, t), "ratios": ratios(summarize(redis, t))}
                                for t in ("SET", "GET")]
         report["peers"] = []
-        for name, metric, results in (("nginx + wrk req/s", "requests_per_s", bench.nginx()),
-                                      ("iperf3 Gbit/s", "gbit_per_s", bench.iperf3()),
-                                      ("sockperf half-RTT p50 (µs)", "half_rtt_p50_us", bench.sockperf())):
+        peers = (("nginx + wrk req/s", "requests_per_s", bench.nginx),
+                 ("iperf3 Gbit/s", "gbit_per_s", bench.iperf3),
+                 ("sockperf half-RTT p50 (µs)", "half_rtt_p50_us", bench.sockperf))
+        for name, metric, run in peers if "peers" in wanted else ():
+            results = run()
             if results:
                 summary = summarize(results, metric)
                 report["peers"].append({"test": name, "summary": summary, "ratios": ratios(summary)})
@@ -384,7 +392,12 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and requests")
     parser.add_argument("--out", default=str(REPO / "evaluate" / "results"), help="output directory")
+    parser.add_argument("--only", metavar="GROUPS", help=f"comma-separated subset of {','.join(GROUPS)}")
     args = parser.parse_args()
+    unknown = set(args.only.split(",")) - set(GROUPS) if args.only else set()
+    if unknown:
+        print(f"evaluate.bench: no group {sorted(unknown)[0]!r} (groups: {', '.join(GROUPS)})", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("evaluate.bench: must run as root (it loads BPF programs)", file=sys.stderr)
         return 2

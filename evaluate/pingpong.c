@@ -261,6 +261,19 @@ static void serve_short(const struct options *o, int lfd, long count)
 	exit(0);
 }
 
+/* A connected client socket, set up as the options say. */
+static int connect_to(const struct options *o, const struct endpoint *ep)
+{
+	int fd = socket(ep->family, SOCK_STREAM, 0);
+
+	if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
+		die("connect");
+	nodelay(fd, ep->family);
+	if (o->event_driven)
+		event_driven(fd);
+	return fd;
+}
+
 static void client_short(const struct options *o, const struct endpoint *ep, long count, double *lat)
 {
 	char *buf = calloc(1, o->size), *back = malloc(o->size);
@@ -268,13 +281,8 @@ static void client_short(const struct options *o, const struct endpoint *ep, lon
 	pin(cpu_for(o, 1, 0));
 	for (long i = -o->warmup; i < count; i++) {
 		double t0 = now_us();
-		int fd = socket(ep->family, SOCK_STREAM, 0);
+		int fd = connect_to(o, ep);
 
-		if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
-			die("connect");
-		nodelay(fd, ep->family);
-		if (o->event_driven)
-			event_driven(fd);
 		if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
 			die("short request");
 		if (epoll_fd >= 0)
@@ -305,13 +313,8 @@ static void client(const struct options *o, const struct endpoint *ep, int conn,
 		   double *bytes)
 {
 	char *buf = malloc(o->size), *back = malloc(o->size);
-	int fd = socket(ep->family, SOCK_STREAM, 0);
+	int fd = connect_to(o, ep);
 
-	if (fd < 0 || connect(fd, (const struct sockaddr *)&ep->addr, ep->len))
-		die("connect");
-	nodelay(fd, ep->family);
-	if (o->event_driven)
-		event_driven(fd);
 	pin(cpu_for(o, 1, conn));
 	for (long i = 0; i < o->size; i++)
 		buf[i] = (char)(i * 131 + conn);

@@ -3,8 +3,6 @@ the join iterator, and conditions a test waits for (with a deadline) before it g
 
 import contextlib
 
-import pytest
-
 from netbpf.bypass import Bypass
 
 from conftest import wait_for
@@ -17,12 +15,6 @@ def attached(cgroup, **options):
     options.setdefault("drain_timeout", 5.0)
     with Bypass(str(cgroup.path), **options) as bypass:
         yield bypass
-
-
-@pytest.fixture
-def bypass(cg):
-    with attached(cg) as attached_bypass:
-        yield attached_bypass
 
 
 def joined(bypass, sockets=2, timeout=20.0):

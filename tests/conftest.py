@@ -48,14 +48,28 @@ def built_object(name):
     return path
 
 
-@pytest.fixture
-def cg():
-    """A fresh child cgroup of the cgroup v2 root, removed afterwards."""
-    group = cgroup.Cgroup.create(f"netbpf-test-{os.getpid()}-{next(_counter)}")
+def child_cgroup(prefix="netbpf-test"):
+    """A fresh child cgroup of the cgroup v2 root, removed afterwards (a fixture's body)."""
+    group = cgroup.Cgroup.create(f"{prefix}-{os.getpid()}-{next(_counter)}")
     try:
         yield group
     finally:
         group.remove()
+
+
+@pytest.fixture
+def cg():
+    """A fresh child cgroup of the cgroup v2 root, removed afterwards."""
+    yield from child_cgroup()
+
+
+@pytest.fixture
+def bypass(cg):
+    """The bypass attached to the test's cgroup, with its agent (tests/bypassutil.py)."""
+    from bypassutil import attached
+
+    with attached(cg) as attached_bypass:
+        yield attached_bypass
 
 
 @pytest.fixture

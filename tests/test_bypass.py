@@ -15,7 +15,7 @@ import pytest
 
 from netbpf.bypass import Bypass
 
-from bypassutil import attached, bypass, joined, kept_plain, rounds  # noqa: F401 (bypass: fixture)
+from bypassutil import attached, joined, kept_plain, rounds
 from conftest import run_in, sync, wait_for
 from netutil import (PATTERN, close_all, digest_of_stream, joinable_pair, pair, receive_digest, recv_all,
                      recv_exactly, send_stream)
@@ -145,6 +145,56 @@ def test_server_in_the_cgroup_with_a_client_outside_stays_plain(bypass, cg):
     server.join()
     stats = bypass.stats()
     assert stats["candidates"] == 1 and stats["sockets_inserted"] == 0
+
+
+def full_duplex_blocking_reader(port, rounds):
+    """Each round: one thread blocks in recv() while another sends 4 MiB on the same socket; the
+    peer reads it, answers and closes. Returns how many blocking recv() calls failed with EAGAIN."""
+    eagain = 0
+    for _ in range(rounds):
+        conn = socket.create_connection(("127.0.0.1", port))
+        sender = threading.Thread(target=conn.sendall, args=(PATTERN * 4,))
+        sender.start()
+        try:
+            while conn.recv(100):
+                pass
+        except BlockingIOError:
+            eagain += 1
+        sender.join()
+        conn.close()
+    return eagain
+
+
+def slow_peer(srv, rounds):
+    for _ in range(rounds):
+        conn, _ = srv.accept()
+        conn.settimeout(30)  # an event-driven peer: it would join
+        recv_exactly(conn, 4 << 20)
+        conn.sendall(b"done")
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_blocking_reader_whose_socket_sends_meanwhile_never_sees_eagain(cg):
+    """Both ends in the cgroup; the client reads blocking while its other thread sends 4 MiB.
+    Before netbpf kept blocking readers plain, the ACKs of its own TCP-path sends woke it with
+    nothing queued and tcp_bpf returned EAGAIN (about 30 of 100 rounds with a 256 KiB queue limit)."""
+
+    def both_in_cgroup():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(128)
+        peer = threading.Thread(target=slow_peer, args=(srv, 100))
+        peer.start()
+        eagain = full_duplex_blocking_reader(srv.getsockname()[1], 100)
+        peer.join()
+        srv.close()
+        return eagain
+
+    with attached(cg, queue_floor=256 << 10) as bypass:
+        assert run_in(cg, both_in_cgroup) == 0
+        stats = bypass.stats()
+        assert stats["sockets_inserted"] == 0 and stats["plain_by_reason"].get("blocking", 0) >= 1
 
 
 def test_connections_from_before_the_attach_join_too(cg):

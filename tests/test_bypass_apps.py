@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bypassutil import bypass, joined  # noqa: F401 (bypass: fixture)
+from bypassutil import joined
 from conftest import run_in, sync
 
 

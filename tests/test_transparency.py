@@ -25,10 +25,8 @@ import time
 
 import pytest
 
-from netbpf import cgroup
-
-from bypassutil import attached, bypass, joined, kept_plain, rounds  # noqa: F401 (bypass: fixture)
-from conftest import run_in, sync, wait_for
+from bypassutil import attached, joined, kept_plain, rounds
+from conftest import child_cgroup, run_in, sync, wait_for
 from netutil import PATTERN, close_all, joinable_pair, pair, recv_all, recv_exactly
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -38,11 +36,7 @@ SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
 @pytest.fixture
 def plain_cg():
     """A second child cgroup, without the bypass: where the reference runs."""
-    group = cgroup.Cgroup.create(f"netbpf-plain-{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        yield group
-    finally:
-        group.remove()
+    yield from child_cgroup("netbpf-plain")
 
 
 def conform(plain_cg, cg, bypass, program, *args, expect, act=None):
@@ -227,12 +221,22 @@ def test_msg_peek(plain_cg, cg, bypass):
     assert conform(plain_cg, cg, bypass, peek_then_read, expect="redirected") == (b"0123", b"0123", b"456789")
 
 
+def queued(sock, request=termios.FIONREAD):
+    """What FIONREAD (or SIOCINQ) says is waiting to be read."""
+    return struct.unpack("i", fcntl.ioctl(sock, request, b"\0\0\0\0"))[0]
+
+
+def wait_queued(sock, count):
+    """Until `count` bytes have arrived (on kernels whose FIONREAD counts redirected data)."""
+    wait_readable(sock)
+    assert wait_for(lambda: queued(sock) == count or kernel_older_than(6, 18))
+
+
 def fionread_and_siocinq():
     srv, cli, conn = joinable_pair()
     cli.sendall(b"0123456789")
     wait_readable(conn)
-    counts = [struct.unpack("i", fcntl.ioctl(conn, request, b"\0\0\0\0"))[0]
-              for request in (termios.FIONREAD, 0x541B)]  # SIOCINQ
+    counts = [queued(conn, request) for request in (termios.FIONREAD, 0x541B)]  # SIOCINQ
     got = conn.recv(100)
     close_all(srv, cli, conn)
     return counts, got
@@ -334,19 +338,21 @@ def test_readiness(plain_cg, cg, bypass, mechanism):
 
 
 def many_iovecs():
+    """recvmsg() and readv() into 16 buffers of 100 bytes each, 1000 bytes waiting each time."""
     srv, cli, conn = joinable_pair()
-    cli.sendall(PATTERN[:1000])
-    wait_readable(conn)
-    assert wait_for(lambda: struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0\0\0\0"))[0] == 1000
-                    or kernel_older_than(6, 18))
-    buffers = [bytearray(100) for _ in range(16)]
-    n = conn.recvmsg_into(buffers)[0]
+    results = []
+    for read_into in (lambda buffers: conn.recvmsg_into(buffers)[0], lambda buffers: os.readv(conn.fileno(), buffers)):
+        cli.sendall(PATTERN[:1000])
+        wait_queued(conn, 1000)
+        buffers = [bytearray(100) for _ in range(16)]
+        n = read_into(buffers)
+        results.append((n, b"".join(buffers)[:n] == PATTERN[:n]))
     close_all(srv, cli, conn)
-    return n, b"".join(buffers)[:n] == PATTERN[:n]
+    return results
 
 
-def test_recvmsg_with_many_iovecs(plain_cg, cg, bypass):
-    assert conform(plain_cg, cg, bypass, many_iovecs, expect="redirected") == (1000, True)
+def test_recvmsg_and_readv_with_many_iovecs(plain_cg, cg, bypass):
+    assert conform(plain_cg, cg, bypass, many_iovecs, expect="redirected") == [(1000, True)] * 2
 
 
 def mixed_blocking(client_blocking):
@@ -555,9 +561,7 @@ def close_with_unread_data():
     """The server closes without reading what the client sent; the client then sends again."""
     srv, cli, conn = joinable_pair()
     cli.sendall(PATTERN[:65536])
-    wait_readable(conn)
-    assert wait_for(lambda: struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0\0\0\0"))[0] == 65536
-                    or kernel_older_than(6, 18))
+    wait_queued(conn, 65536)
     conn.close()
     wait_readable(cli)  # the peer's FIN or RST has arrived
     cli.setblocking(False)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import cgroup, features, tool
-from .errors import LibbpfError, UsageError
+from .errors import UsageError
 from .loader import open_pinned_link
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
@@ -43,9 +43,10 @@ DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their red
 
 # enum sock_state and enum plain_reason of bpf/bypass.h
 STATES = {1: "waiting", 2: "ready", 3: "joined", 4: "leaving", 5: "left"}
-JOINED, LEAVING = 3, 4
+READY, JOINED, LEAVING = 2, 3, 4
 REASONS = ("none", "no_file", "blocking", "not_read", "spliced", "rcvlowat", "peer_outside", "detach",
            "insert_failed", "peer_waiting")
+TRANSIENT = {"no_file", "not_read", "peer_waiting"}  # reasons a new connection soon leaves behind
 
 
 def host_addresses():
@@ -81,28 +82,32 @@ def refresh_host_addrs(host_addrs):
 
 
 def join_pass(join_link, maps):
-    """One round of the agent: the join iterator over the processes' open files, twice (a socket joins
-    only when its peer was READY, and the peer may come later in the same round), then forget
-    the sockets that round did not see: they are closed. Returns (how many sockets it tracks
-    that are not LEFT, whether some are LEAVING)."""
+    """One round of the agent: the join iterator over the processes' open files, then forget
+    the sockets it did not see: they are closed. A pair joins as the iterator meets its second
+    end (the first one waits READY), so when a round leaves sockets READY the iterator runs once
+    more. Returns (how many sockets it tracks that are not LEFT, how many of those may move
+    soon: waiting for a first read, an accept() or their peer, or leaving)."""
     control = maps["control"]
     this_round = control[0].round + 1
     control[0] = control[0]._replace(round=this_round)
-    join_link.run_iter()
-    join_link.run_iter()
-    tracked, leaving = 0, False
-    for key, info in maps["sock_info"].items():
-        if info.seen_round < this_round:
-            maps["sock_info"].pop(key, None)
-        elif STATES.get(info.state) != "left":
-            tracked += 1
-            leaving |= info.state == LEAVING
-    return tracked, leaving
+    for _ in range(2):
+        join_link.run_iter()
+        tracked = moving = ready = 0
+        for key, info in maps["sock_info"].items():
+            if info.seen_round < this_round:
+                maps["sock_info"].pop(key, None)
+            elif STATES.get(info.state) != "left":
+                tracked += 1
+                ready += info.state == READY
+                moving += info.state in (READY, LEAVING) or REASONS[info.reason] in TRANSIENT
+        if not ready:
+            break
+    return tracked, moving
 
 
 def agent_step(join_link, maps, count_only=False):
     """What run_paced() needs: the connections established so far and, unless count_only,
-    join_pass()'s (tracked, leaving) after a round."""
+    join_pass()'s (tracked, moving) after a round."""
     established = maps["counters"].sum(0).established
     return established if count_only else (established, *join_pass(join_link, maps))
 
@@ -287,28 +292,32 @@ def stop_agent(control, timeout=5.0):
 
 def run_paced(step, stop):
     """The agent's loop, until the threading.Event stop is set. step() runs a round and returns
-    (connections established so far, sockets in the map or waiting to join, whether some are
-    leaving). A round visits every TCP socket of the host, so the agent runs one:
-      - every JOIN_INTERVAL for a second after connections were established (they join once
-        both ends have read), and while sockets leave (they leave once their queue is read);
-      - every SLOW_INTERVAL while other sockets wait or are joined (a joined socket that turns
-        unsafe stops receiving redirects at once; leaving the map can wait);
-      - not at all while the cgroup has none;
-    and never more than AGENT_CPU_SHARE of one CPU (tens of thousands of sockets slow a round)."""
+    (connections established so far, sockets tracked, sockets that may move soon); with
+    count_only=True it returns only the first, cheaply. A round walks every process's open
+    files, so the agent runs one:
+      - every JOIN_INTERVAL while sockets may move soon (new ones waiting for their first read
+        or their peer, leaving ones waiting for their reader), for a second after connections
+        were established;
+      - every SLOW_INTERVAL while other sockets are tracked (a blocking one may turn
+        non-blocking; a joined one blocking);
+      - right away when new connections are established, else not at all;
+    and never more than AGENT_CPU_SHARE of one CPU."""
     seen_established, busy_until, rest, last_round = None, 0.0, 0.0, 0.0
-    established, tracked, leaving = step()
+    established, tracked, moving = step()
     while not stop.wait(max(rest, JOIN_INTERVAL)):
         now = time.monotonic()
-        if established != seen_established:
+        new_connections = established != seen_established
+        if new_connections:
             busy_until = now + 1.0
         seen_established = established
-        fast = now < busy_until or leaving
-        if not (fast or (tracked and now - last_round >= SLOW_INTERVAL)):
+        due = new_connections or (moving and now < busy_until) or (tracked and now - last_round >= SLOW_INTERVAL)
+        if not due:
             established, rest = step(count_only=True), 0.0
             continue
-        established, tracked, leaving = step()
+        spent = time.thread_time()
+        established, tracked, moving = step()
         last_round = time.monotonic()
-        rest = (last_round - now) / AGENT_CPU_SHARE
+        rest = (time.thread_time() - spent) / AGENT_CPU_SHARE  # CPU time: a loaded host slows the walk
 
 
 def run_agent(pin_dir):
