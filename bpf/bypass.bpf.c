@@ -58,8 +58,8 @@ struct {
 	__type(value, struct sock_info);
 } sock_info SEC(".maps");
 
-/* ports the cgroup listens on (value: the agent round that last saw the listener), to tell the server
- * end of a connection from the client end */
+/* ports the cgroup listens on (value: the agent round that last saw the listener open), to tell
+ * the server end of a connection from the client end; the agent forgets closed ones */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
@@ -362,7 +362,6 @@ SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
 	struct bypass_counters *cnt = counters_here();
-	__u32 port;
 
 	if (!cnt)
 		return 1;
@@ -373,13 +372,6 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
 		note_listener(skops->local_port);
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[0] == TCP_LISTEN && skops->args[1] == TCP_CLOSE) {
-			port = skops->local_port;
-			bpf_map_delete_elem(&listeners, &port);
-		}
 		break;
 	}
 	return 1;

@@ -46,7 +46,9 @@ STATES = {1: "waiting", 2: "ready", 3: "joined", 4: "leaving", 5: "left"}
 READY, JOINED, LEAVING = 2, 3, 4
 REASONS = ("none", "no_file", "blocking", "not_read", "spliced", "rcvlowat", "peer_outside", "detach",
            "insert_failed", "peer_waiting")
-TRANSIENT = {"no_file", "not_read", "peer_waiting"}  # reasons a new connection soon leaves behind
+# reasons a new connection often leaves behind within moments (a server sets O_NONBLOCK right
+# after accept(), a client reads its first reply): the agent looks again soon
+TRANSIENT = {"no_file", "not_read", "peer_waiting", "blocking", "rcvlowat"}
 
 
 def host_addresses():
@@ -85,31 +87,53 @@ def join_pass(join_link, maps):
     """One round of the agent: the join iterator over the processes' open files, then forget
     the sockets it did not see: they are closed. A pair joins as the iterator meets its second
     end (the first one waits READY), so when a round leaves sockets READY the iterator runs once
-    more. Returns (how many sockets it tracks that are not LEFT, how many of those may move
-    soon: waiting for a first read, an accept() or their peer, or leaving)."""
+    more. Returns a Round: what run_paced() needs to decide when the next one is due."""
     control = maps["control"]
     this_round = control[0].round + 1
     control[0] = control[0]._replace(round=this_round)
     for _ in range(2):
         join_link.run_iter()
-        tracked = moving = ready = 0
+        result, ready = Round(), 0
         for key, info in maps["sock_info"].items():
             if info.seen_round < this_round:
                 maps["sock_info"].pop(key, None)
-            elif STATES.get(info.state) != "left":
-                tracked += 1
-                ready += info.state == READY
-                moving += info.state in (READY, LEAVING) or REASONS[info.reason] in TRANSIENT
+                continue
+            result.found += info.first_round == this_round
+            result.survivors += info.first_round == this_round - 1
+            if STATES.get(info.state) == "left":
+                continue
+            result.tracked += 1
+            ready += info.state == READY
+            moving = info.state in (READY, LEAVING) or REASONS[info.reason] in TRANSIENT
+            result.waiting += moving and info.first_round < this_round
         if not ready:
             break
-    return tracked, moving
+    for port, seen in maps["listeners"].items():
+        if seen < this_round:  # the iterator stamps the listeners it finds open
+            maps["listeners"].pop(port, None)
+    return result
+
+
+class Round:
+    """What a round of the agent saw: sockets tracked (not LEFT), waiting (found by an earlier
+    round and may move soon: a first read, an accept(), their peer, or leaving), found (new
+    this round), survivors (found by the round before and still open), and how many sockets
+    had joined so far (inserted)."""
+
+    def __init__(self):
+        self.tracked = self.waiting = self.found = self.survivors = self.inserted = 0
 
 
 def agent_step(join_link, maps, count_only=False):
     """What run_paced() needs: the connections established so far and, unless count_only,
-    join_pass()'s (tracked, moving) after a round."""
-    established = maps["counters"].sum(0).established
-    return established if count_only else (established, *join_pass(join_link, maps))
+    join_pass()'s Round."""
+    counters = maps["counters"]
+    established = counters.sum(0).established
+    if count_only:
+        return established
+    this = join_pass(join_link, maps)
+    this.inserted = counters.sum(0).sockets_inserted
+    return established, this
 
 
 def drain(join_link, maps, timeout):
@@ -214,7 +238,7 @@ class Bypass(tool.Attachment):
         """One round of joining and leaving (the agent's work; see agent_step)."""
         join_link = self.links.get("join")
         if join_link is None:  # closed
-            return 0 if count_only else (0, 0, False)
+            return 0 if count_only else (0, Round())
         with self._round_lock:
             return agent_step(join_link, self.obj.maps, count_only)
 
@@ -292,32 +316,40 @@ def stop_agent(control, timeout=5.0):
 
 def run_paced(step, stop):
     """The agent's loop, until the threading.Event stop is set. step() runs a round and returns
-    (connections established so far, sockets tracked, sockets that may move soon); with
-    count_only=True it returns only the first, cheaply. A round walks every process's open
-    files, so the agent runs one:
-      - every JOIN_INTERVAL while sockets may move soon (new ones waiting for their first read
-        or their peer, leaving ones waiting for their reader), for a second after connections
-        were established;
+    (connections established so far, its Round); with count_only=True it returns only the
+    first, cheaply. A round walks every process's open files, so the agent runs one:
+      - soon after connections were established, soon again after a round found new sockets,
+        and every JOIN_INTERVAL while sockets it found earlier may still move, for a second
+        after the last new connection;
+      - less and less often, up to SLOW_INTERVAL, while new connections are gone before a round
+        or by the next one (connect, one request, close): a stream of short connections costs
+        the host next to nothing, and a long-lived one among them is found all the same;
       - every SLOW_INTERVAL while other sockets are tracked (a blocking one may turn
         non-blocking; a joined one blocking);
-      - right away when new connections are established, else not at all;
     and never more than AGENT_CPU_SHARE of one CPU."""
-    seen_established, busy_until, rest, last_round = None, 0.0, 0.0, 0.0
-    established, tracked, moving = step()
+    seen_established, busy_until, rest, last_round, backoff = None, 0.0, 0.0, 0.0, JOIN_INTERVAL
+    established, last = step()
     while not stop.wait(max(rest, JOIN_INTERVAL)):
         now = time.monotonic()
         new_connections = established != seen_established
         if new_connections:
             busy_until = now + 1.0
         seen_established = established
-        due = new_connections or (moving and now < busy_until) or (tracked and now - last_round >= SLOW_INTERVAL)
+        since = now - last_round
+        due = (((new_connections or last.found) and since >= backoff) or (last.waiting and now < busy_until)
+               or (last.tracked and since >= SLOW_INTERVAL))
         if not due:
             established, rest = step(count_only=True), 0.0
             continue
         spent = time.thread_time()
-        established, tracked, moving = step()
+        established, this = step()
         last_round = time.monotonic()
         rest = (time.thread_time() - spent) / AGENT_CPU_SHARE  # CPU time: a loaded host slows the walk
+        if this.survivors or this.waiting or this.inserted > last.inserted:
+            backoff = JOIN_INTERVAL
+        elif (last.found and not this.survivors) or (new_connections and not this.found):
+            backoff = min(2 * backoff, SLOW_INTERVAL)  # they were gone by the time it looked
+        last = this
 
 
 def run_agent(pin_dir):
