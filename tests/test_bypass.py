@@ -372,6 +372,7 @@ def test_one_gib_through_many_connections_with_a_slow_reader(bypass, cg):
 
 # --- many connections, churn ---
 
+@pytest.mark.slow
 def test_500_concurrent_connections(bypass, cg):
     def concurrent():
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
