@@ -266,8 +266,9 @@ static __always_inline int has_read(struct tcp_sock *tp)
 	return received > unread;
 }
 
-/* Whether redirected data waits in the socket's psock for its reader, or a sender is handing
- * some over right now (it holds a psock reference besides the map's). */
+/* Whether redirected data waits in the socket's psock for its reader. (A redirect still on its
+ * way is covered by LEAVE_GRACE_NS; the psock's reference count would not tell it from a reader
+ * blocked in recv().) */
 static __always_inline int psock_busy(struct sock *sk)
 {
 	__u64 user_data = (__u64)BPF_CORE_READ(sk, sk_user_data) & SK_USER_DATA_PTRMASK;
@@ -277,8 +278,7 @@ static __always_inline int psock_busy(struct sock *sk)
 	if (!psock)
 		return 0;
 	head = (struct list_head *)((char *)psock + bpf_core_field_offset(struct sk_psock, ingress_msg));
-	return BPF_CORE_READ(psock, ingress_msg.next) != head ||
-	       BPF_CORE_READ(psock, refcnt.refs.counter) > 1;
+	return BPF_CORE_READ(psock, ingress_msg.next) != head;
 }
 
 /* counts[reason]++, with the bound check the verifier can follow */
