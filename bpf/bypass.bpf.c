@@ -377,7 +377,8 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* --- the join iterator: run by the agent, one socket at a time, under the socket's lock --- */
+/* --- the join iterator: run by the agent, once per open file of every process; the socket is
+ * not locked here (the sockhash update and delete take its lock themselves) --- */
 
 static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struct sock_key *key,
 				     struct sock_info *info, struct bypass_config *cfg,
