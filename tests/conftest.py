@@ -23,7 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.e
 TEST_OBJECTS = REPO / "build" / "tests"
 _counter = itertools.count()
 
-from netbpf import cgroup  # noqa: E402  (after the path set-up above)
+from netbpf import cgroup, mounts  # noqa: E402  (after the path set-up above)
 
 
 def pytest_report_header(config):
@@ -75,8 +75,8 @@ def bypass(cg):
 @pytest.fixture
 def pin_dir():
     """A per-test directory in bpffs; whatever is pinned there is removed afterwards."""
-    cgroup.ensure_bpffs()
-    path = Path(cgroup.BPFFS) / f"netbpf-test-{os.getpid()}-{next(_counter)}"
+    mounts.ensure_bpffs()
+    path = Path(mounts.BPFFS) / f"netbpf-test-{os.getpid()}-{next(_counter)}"
     path.mkdir()
     try:
         yield path

@@ -197,10 +197,10 @@ def test_non_root_is_bad_input(cg, pin_dir):
 
 
 def test_no_cgroup_v2_is_bad_input(monkeypatch, capsys):
-    from netbpf import cgroup
+    from netbpf import mounts
 
-    real = cgroup._mounts
-    monkeypatch.setattr(cgroup, "_mounts", lambda fstype: [] if fstype == "cgroup2" else real(fstype))
+    real = mounts.mount_points
+    monkeypatch.setattr(mounts, "mount_points", lambda fstype: [] if fstype == "cgroup2" else real(fstype))
     assert tool.main("netbpf.bypass", lambda: bypass.cli(["attach"])) == 2
     err = capsys.readouterr().err
     assert "no cgroup v2 file system is mounted" in err and len(err.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from netbpf import cgroup
+from netbpf import cgroup, mounts
 from netbpf.errors import UsageError
 
 from conftest import run_in
@@ -40,5 +40,5 @@ def test_child_cgroup_runs_processes_and_is_removed(cg):
 
 
 def test_bpffs_is_mounted_on_demand(pin_dir):
-    assert cgroup.is_bpffs(pin_dir)
-    assert not cgroup.is_bpffs("/tmp")
+    assert mounts.is_bpffs(pin_dir)
+    assert not mounts.is_bpffs("/tmp")

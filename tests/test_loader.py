@@ -4,6 +4,8 @@ event caused from a process inside it, the effect read back from a map."""
 import errno
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +13,7 @@ import netbpf
 from netbpf import Link, Object, features
 from netbpf.loader import ProgAttachment
 
-from conftest import run_in, built_object
+from conftest import built_object, run_in, wait_for
 
 EV_BIND, EV_POST_BIND, EV_CONNECT, EV_GETSOCKNAME, EV_GETPEERNAME, EV_RELEASE = range(6)
 EV_SOCKOPS_ESTABLISHED, EV_SK_MSG, EV_TRACEPOINT = 6, 7, 8
@@ -113,7 +115,10 @@ def test_verifier_rejection_carries_the_full_log():
     assert "invalid mem access 'map_value_or_null'" in err.log
     assert "processed" in err.log.splitlines()[-1] or "processed" in err.log
     summary = str(err)
-    assert "unchecked_lookup" in summary and len(summary.splitlines()) <= netbpf.VerifierError.SUMMARY_LINES + 2
+    assert len(summary.splitlines()) <= netbpf.VerifierError.SUMMARY_LINES + 1
+    first, *context = summary.splitlines()
+    assert "'unchecked_lookup'" in first and first.endswith("R0 invalid mem access 'map_value_or_null'")
+    assert any("*value += 1;" in line for line in context)  # the source line that failed
     obj.close()
 
 
@@ -346,3 +351,150 @@ def test_libbpf_version_names_the_library():
     text = netbpf.libbpf_version()
     major, minor = netbpf.libbpf.version()
     assert text.startswith(f"{major}.{minor} (") and major >= 1
+
+
+# --- global data: .rodata, .data, .bss ---
+
+@pytest.fixture
+def globals_obj():
+    with Object(built_object("globals")) as obj:
+        yield obj
+
+
+def test_rodata_is_set_before_load_and_bss_counts_in_the_kernel(globals_obj):
+    obj = globals_obj
+    assert obj.rodata.values()._asdict() == {"target_pid": 0, "step": 1}
+    assert (obj.data.enabled, obj.bss.calls) == (1, 0)
+    obj.rodata.target_pid = os.getpid()
+    obj.rodata.step = 3
+    obj.load()
+    with obj.programs["count_getsockname"].attach_tracepoint(), socket.socket() as s:
+        before = obj.bss.calls
+        s.getsockname()
+        s.getsockname()
+        assert obj.bss.calls == before + 6
+        subprocess.run([sys.executable, "-c", "import socket; socket.socket().getsockname()"], check=True)
+        assert obj.bss.calls == before + 6  # another pid: the .rodata filter held
+        obj.data.enabled = 0  # .data is written in the kernel's map after load
+        s.getsockname()
+        assert obj.bss.calls == before + 6
+    assert obj.rodata.step == 3
+    with pytest.raises(AttributeError, match="read-only after load"):
+        obj.rodata.step = 1
+
+
+def test_a_global_that_does_not_exist_names_those_that_do(globals_obj):
+    with pytest.raises(AttributeError, match="have: target_pid, step"):
+        globals_obj.rodata.nothing
+    with pytest.raises(AttributeError, match="no variable 'nothing'"):
+        globals_obj.bss.nothing = 1
+    assert Object(built_object("rejected")).rodata is None
+
+
+def test_settings_made_before_load_cannot_follow_it(globals_obj):
+    globals_obj.load()
+    with pytest.raises(netbpf.LibbpfError) as info:
+        globals_obj.maps["globals.bss"].max_entries = 2
+    assert info.value.errno == errno.EBUSY
+
+
+# --- handles after their owner is gone ---
+
+def test_programs_maps_and_globals_raise_once_their_object_is_closed():
+    obj = Object(built_object("globals"))
+    obj.load()
+    prog, bss, globals_bss = obj.programs["count_getsockname"], obj.maps["globals.bss"], obj.bss
+    obj.close()
+    for use in (lambda: prog.fd, lambda: prog.type, lambda: bss.fd, lambda: bss.max_entries,
+                lambda: bss[0], lambda: globals_bss.calls, lambda: prog.attach_tracepoint()):
+        with pytest.raises(netbpf.LibbpfError, match="is closed") as info:
+            use()
+        assert info.value.errno == errno.EBADF
+
+
+def test_a_map_opened_from_a_pin_raises_after_close(probe, pin_dir):
+    probe.maps["events"].pin(pin_dir / "events")
+    events = netbpf.Map.open_pinned(pin_dir / "events", like=probe.maps["events"])
+    events.close()
+    with pytest.raises(netbpf.LibbpfError, match="is closed"):
+        len(events)
+
+
+def test_a_pinned_tracepoint_link_keeps_running_after_its_handle_and_object_close(globals_obj, pin_dir):
+    obj = globals_obj
+    obj.rodata.target_pid = os.getpid()
+    obj.load()
+    obj.programs["count_getsockname"].attach_tracepoint().pin(pin_dir / "link")
+    bss = obj.maps["globals.bss"]
+    bss.pin(pin_dir / "bss")
+    calls = netbpf.Map.open_pinned(pin_dir / "bss", like=bss)
+    obj.close()  # closes the link's handle; the pin holds the attachment
+    with socket.socket() as s:
+        before = calls[0].calls
+        s.getsockname()
+        assert calls[0].calls == before + 1
+        Link.open_pinned(pin_dir / "link").detach()
+
+        def counts_no_more():  # a perf-event link has no detach: it ends when the kernel frees it
+            start = calls[0].calls
+            s.getsockname()
+            return calls[0].calls == start
+
+        assert wait_for(counts_no_more)
+    calls.close()
+
+
+# --- map walks and clear ---
+
+def hash_map(entries=64):
+    return netbpf.Map.create(netbpf.types.MapType.HASH, 4, 4, entries, "netbpf_hash")
+
+
+def test_a_walk_yields_each_key_once_while_keys_are_deleted_under_it():
+    with hash_map() as keys:
+        for i in range(64):
+            keys[i] = i
+        walked = []
+        for key in keys:
+            walked.append(key)
+            if len(walked) % 2 == 0:
+                del keys[key]  # the walk's own position: the kernel starts again from the first key
+        assert len(walked) == len(set(walked)) == 64
+        assert len(keys) == 32
+
+
+def test_a_walk_reports_errors_other_than_the_end():
+    queue = netbpf.Map.create(netbpf.types.MapType.QUEUE, 0, 4, 8, "netbpf_queue")
+    with queue, pytest.raises(netbpf.LibbpfError, match="walk the keys of map netbpf_queue"):
+        list(queue)
+
+
+def test_clear_empties_a_hash_and_zeroes_an_array():
+    with hash_map() as keys:
+        keys.update({1: 1, 2: 2})
+        keys.clear()
+        assert len(keys) == 0
+    array = netbpf.Map.create(netbpf.types.MapType.ARRAY, 4, 8, 4, "netbpf_array")
+    with array:
+        array[2] = 7
+        array.clear()
+        assert dict(array.items()) == {0: 0, 1: 0, 2: 0, 3: 0}
+
+
+# --- the verifier log ---
+
+def test_a_verifier_log_longer_than_the_first_buffer_arrives_whole(monkeypatch):
+    with Object(built_object("rejected")) as obj, pytest.raises(netbpf.VerifierError) as full:
+        obj.load()
+    monkeypatch.setattr(netbpf.loader, "VERIFIER_LOG_START", 64)
+    with Object(built_object("rejected")) as obj, pytest.raises(netbpf.VerifierError) as grown:
+        obj.load()
+    assert grown.value.errno == errno.EACCES  # the verifier's answer, not the log's ENOSPC
+    assert len(full.value.log) > 64
+    assert grown.value.log.splitlines()[-3:] == full.value.log.splitlines()[-3:]
+    assert len(grown.value.log.splitlines()) == len(full.value.log.splitlines())
+
+
+def test_types_are_enum_members(probe):
+    assert probe.programs["on_getsockname_tp"].type is netbpf.types.ProgType.TRACEPOINT
+    assert probe.maps["events"].type is netbpf.types.MapType.HASH

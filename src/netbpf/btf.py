@@ -1,8 +1,10 @@
+# SPDX-License-Identifier: MIT
 """Encode and decode map keys and values from the object's BTF.
 
 The C header is the one layout: a `struct sock_key` in bpf/bypass.h becomes, in Python, a
 namedtuple `sock_key` with the same field names, read at the offsets BTF records. Integers become
-ints, `char[N]` becomes str, other arrays lists, nested structs nested namedtuples.
+ints, `char[N]` becomes str, other arrays lists, nested structs nested namedtuples. A global-data
+section (.rodata, .data, .bss: a DATASEC) reads as a namedtuple of its variables.
 """
 
 import collections
@@ -11,7 +13,7 @@ import sys
 from .libbpf import ffi, lib
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
-FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = 16, 17, 18, 19
+VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = 14, 15, 16, 17, 18, 19
 _MODIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
 _INT_SIGNED, _INT_CHAR = 1, 2
 
@@ -118,6 +120,15 @@ def encode(codec, value):
     return bytes(buf)
 
 
+def encode_field(codec, name, value, buf):
+    """Write one member of a struct codec's value into buf in place."""
+    for member, offset, member_codec in codec.members:
+        if member == name:
+            member_codec.encode_into(value, buf, offset)
+            return
+    raise KeyError(f"{codec.type.__name__} has no field {name!r}")
+
+
 def decode(codec, buf):
     return codec.decode(memoryview(buf))
 
@@ -173,6 +184,10 @@ class BTF:
             return ArrayCodec(elem, count)
         if kind in (STRUCT, UNION):
             return self._struct(t, vlen, kind_flag, union=(kind == UNION))
+        if kind == VAR:
+            return self.codec(t.size_or_type)
+        if kind == DATASEC:
+            return self._datasec(t, vlen)
         raise ValueError(f"BTF kind {kind} cannot be a map key or value")
 
     def _is_char(self, type_id):
@@ -200,3 +215,16 @@ class BTF:
             else:
                 members.append((name or f"_{i}", bit_offset // 8, codec))
         return StructCodec(self.name(t), t.size_or_type, members, union)
+
+    def _datasec(self, t, vlen):
+        """A section's variables as the members of a struct named after the section."""
+        raw = ffi.cast("uint32_t *", t + 1)  # btf_var_secinfo: type (a VAR), offset, size
+        members = []
+        for i in range(vlen):
+            var_id, offset = raw[3 * i], raw[3 * i + 1]
+            members.append((self.name(self._type(var_id)), offset, self.codec(var_id)))
+        return StructCodec(self.name(t).lstrip(".").replace(".", "_"), t.size_or_type, members)
+
+    def type_name(self, type_id):
+        """The name of a BTF type ('.rodata' for a section), '' when it has none."""
+        return self.name(self._type(type_id)) if type_id else ""

@@ -29,13 +29,13 @@ from pathlib import Path
 from . import cgroup, features, tool
 from .errors import UsageError
 from .loader import open_pinned_link
+from .types import AttachType
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
 MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "counters", "config_map", "control",
         "host_addrs", "allowed_ports")
-BPF_CGROUP_SOCK_OPS = 3
 JOIN_INTERVAL = 0.02       # seconds between rounds of the join iterator, at least
 SLOW_INTERVAL = 1.0        # between rounds while nothing new happens but sockets wait or are joined
 AGENT_CPU_SHARE = 0.05     # and at most this share of one CPU: a round visits every TCP socket
@@ -172,7 +172,7 @@ class Bypass(tool.Attachment):
 
     NAME = "bypass"
     MAPS = MAPS
-    MARKER = (BPF_CGROUP_SOCK_OPS, "bypass_sockops")
+    MARKER = (AttachType.CGROUP_SOCK_OPS, "bypass_sockops")
     PIN_CHECK = "join"
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,

@@ -1,4 +1,5 @@
-"""The kernel file systems the tools attach through: cgroup v2, bpffs and tracefs.
+# SPDX-License-Identifier: MIT
+"""cgroup v2: where it is mounted, the directories users name, and child cgroups for tests.
 
 cgroup v2 may be mounted at /sys/fs/cgroup (unified layout) or elsewhere (hybrid layouts put it at
 /sys/fs/cgroup/unified): it is always looked up in /proc/self/mounts.
@@ -10,20 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import mounts
 from .errors import UsageError
-
-BPFFS = "/sys/fs/bpf"
-TRACEFS = "/sys/kernel/tracing"
-
-
-def _mounts(fstype):
-    with open("/proc/self/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[2] == fstype]
 
 
 def cgroup2_root():
     """Where cgroup v2 is mounted; UsageError when it is not."""
-    found = _mounts("cgroup2")
+    found = mounts.mount_points("cgroup2")
     if not found:
         raise UsageError("no cgroup v2 file system is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
     return Path(found[0])
@@ -41,33 +35,6 @@ def resolve(path=None):
     if not (path == root or root in path.parents) or not (path / "cgroup.procs").exists():
         raise UsageError(f"{path} is not a cgroup v2 directory (cgroup v2 is mounted at {root})")
     return path
-
-
-def ensure_bpffs(path=BPFFS):
-    """Mount bpffs at `path` when it is not mounted there (needs root)."""
-    _ensure_mounted("bpf", path)
-
-
-def ensure_tracefs(path=TRACEFS):
-    """Mount tracefs (libbpf finds tracepoint ids there) when it is not mounted (needs root)."""
-    _ensure_mounted("tracefs", path)
-
-
-def _ensure_mounted(fstype, path):
-    if path in _mounts(fstype):
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        subprocess.run(["mount", "-t", fstype, fstype, path], check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        raise UsageError(f"{fstype} is not mounted at {path} and mounting it failed: {detail.strip()}") from None
-
-
-def is_bpffs(path):
-    """Whether `path` lies on a bpffs mount."""
-    path = os.path.realpath(path)
-    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in _mounts("bpf"))
 
 
 def cgroup_id(path):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """One exception hierarchy for everything the loader and the tools raise."""
 
 import errno as _errno
@@ -44,20 +45,32 @@ class LibbpfError(NetbpfError, OSError):
 
 
 class VerifierError(LibbpfError):
-    """The kernel's verifier refused a program. `log` holds its complete log."""
+    """The kernel's verifier refused a program. `log` holds its complete log; `reason` the line
+    that says why (the last one before the statistics), which the message leads with, followed
+    by the source line and instructions just before it."""
 
     SUMMARY_LINES = 6
+    _STATISTICS = ("processed ", "verification time", "stack depth", "-- END")
 
     def __init__(self, program, err, log):
         self.program = program
         self.log = log
         super().__init__(f"verifier rejected program '{program}'", err, log)
 
+    def _explaining_lines(self):
+        return [line for line in self.log.splitlines() if line.strip() and not line.startswith(self._STATISTICS)]
+
+    @property
+    def reason(self):
+        lines = self._explaining_lines()
+        return lines[-1].strip() if lines else ""
+
     def __str__(self):
-        lines = [line for line in self.log.splitlines() if line.strip()]
-        tail = lines[-self.SUMMARY_LINES:]
-        more = f"\n  ... {len(lines) - len(tail)} earlier lines in .log" if len(lines) > len(tail) else ""
-        return f"{self.strerror}{more}\n  " + "\n  ".join(tail)
+        lines = self._explaining_lines()
+        context = lines[-self.SUMMARY_LINES:-1]
+        more = f"\n  ... {len(lines) - len(context) - 1} earlier lines in .log" if len(lines) > len(context) + 1 else ""
+        head = f"{self.strerror}: {self.reason}" if self.reason else self.strerror
+        return head + more + "".join(f"\n  {line}" for line in context)
 
 
 def check(ret, what):

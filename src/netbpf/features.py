@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """What the running kernel can do, found by asking it (tiny loads), not by its version number.
 
 Each probe is cached; `summary()` is what the tools' `status` shows."""
@@ -8,12 +9,11 @@ import platform
 from pathlib import Path
 
 from .libbpf import ffi, lib
+from .types import AttachType, MapType, ProgType
 
-PROG_TRACEPOINT, PROG_CGROUP_SOCK, PROG_SK_MSG, PROG_CGROUP_SOCK_ADDR = 5, 9, 16, 18
-MAP_SOCKHASH = 18
-SK_MSG_VERDICT = 7
 FUNC_PROBE_WRITE_USER = 36
-ATTACH = {"getsockname4": 31, "getpeername4": 29, "sock_release": 34, "bind4": 8}
+ATTACH = {"getsockname4": AttachType.CGROUP_INET4_GETSOCKNAME, "getpeername4": AttachType.CGROUP_INET4_GETPEERNAME,
+          "sock_release": AttachType.CGROUP_INET_SOCK_RELEASE, "bind4": AttachType.CGROUP_INET4_BIND}
 # (code, dst | src << 4, off, imm)
 _RETURN_ONE = [(0xB7, 0, 0, 1), (0x95, 0, 0, 0)]  # r0 = 1; exit
 _WRITE_USER = [(0x7A, 10, -8, 0),          # *(u64 *)(r10 - 8) = 0
@@ -42,21 +42,21 @@ def _loads(prog_type, attach_type=0, program=_RETURN_ONE):
 @functools.lru_cache(maxsize=None)
 def cgroup_hook(name):
     """Whether the kernel has the cgroup hook `name` (getsockname4: 5.8, sock_release: 5.9)."""
-    prog_type = PROG_CGROUP_SOCK if name == "sock_release" else PROG_CGROUP_SOCK_ADDR
+    prog_type = ProgType.CGROUP_SOCK if name == "sock_release" else ProgType.CGROUP_SOCK_ADDR
     return _loads(prog_type, ATTACH[name])
 
 
 @functools.lru_cache(maxsize=None)
 def sockmap_link():
     """Whether sk_msg programs attach to a sockmap with a bpf_link (6.10+)."""
-    prog = _load(PROG_SK_MSG, SK_MSG_VERDICT)
+    prog = _load(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT)
     if prog < 0:
         return False
-    sockhash = lib.bpf_map_create(MAP_SOCKHASH, b"netbpf_probe", 8, 8, 1, ffi.NULL)
+    sockhash = lib.bpf_map_create(MapType.SOCKHASH, b"netbpf_probe", 8, 8, 1, ffi.NULL)
     try:
         if sockhash < 0:
             return False
-        link = lib.bpf_link_create(prog, sockhash, SK_MSG_VERDICT, ffi.NULL)
+        link = lib.bpf_link_create(prog, sockhash, AttachType.SK_MSG_VERDICT, ffi.NULL)
         if link < 0:
             return False
         os.close(link)
@@ -70,7 +70,7 @@ def sockmap_link():
 @functools.lru_cache(maxsize=None)
 def probe_write_user():
     """Whether tracing programs may call bpf_probe_write_user (refused under kernel lockdown)."""
-    return _loads(PROG_TRACEPOINT, 0, _WRITE_USER)
+    return _loads(ProgType.TRACEPOINT, 0, _WRITE_USER)
 
 
 def lockdown():

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The cffi layer over libbpf.so: declarations, library discovery, nothing else.
 
 ABI mode (dlopen), so nothing is compiled at install time. Only functions present in libbpf 1.1
@@ -58,6 +59,9 @@ ffi.cdef(
     uint32_t bpf_map__value_size(const struct bpf_map *map);
     uint32_t bpf_map__max_entries(const struct bpf_map *map);
     int bpf_map__set_max_entries(struct bpf_map *map, uint32_t max_entries);
+    bool bpf_map__is_internal(const struct bpf_map *map);
+    int bpf_map__set_initial_value(struct bpf_map *map, const void *data, size_t size);
+    void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
     uint32_t bpf_map__btf_key_type_id(const struct bpf_map *map);
     uint32_t bpf_map__btf_value_type_id(const struct bpf_map *map);
 

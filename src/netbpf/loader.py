@@ -1,14 +1,17 @@
+# SPDX-License-Identifier: MIT
 """The Python face of libbpf: Object, Program, Map, Link.
 
     with Object("build/x.bpf.o") as obj:          # open
         obj.maps["counts"].max_entries = 4096      # adjust before load
+        obj.rodata.verbose = 1                     # a `const volatile` setting, before load
         obj.load()                                 # VerifierError carries the verifier log
         link = obj.programs["on_bind"].attach_cgroup("/sys/fs/cgroup/unified/test")
         print(dict(obj.maps["counts"]))            # keys/values decoded from BTF
     # leaving the block closes the object and detaches every link it made that is not pinned
 
 Links: `close()` detaches, `pin(path)` makes the attachment outlive the process, and
-`open_pinned(path)` gets it back later so that `detach()` can remove it.
+`open_pinned(path)` gets it back later so that `detach()` can remove it. Programs and maps of an
+object are views of it: once the object is closed they raise instead of touching freed memory.
 """
 
 import errno
@@ -24,22 +27,21 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import btf as _btf
-from .cgroup import ensure_tracefs
 from .errors import LibbpfError, ObjectFileError, VerifierError, check, check_ptr
 from .libbpf import ffi, has, lib, libc
+from .mounts import ensure_tracefs
+from .types import (BATCH_MAP_TYPES, CGROUP_PROG_TYPES, PERCPU_MAP_TYPES, AttachType, LinkType, MapType,
+                    ProgType, UpdateFlags, named)
 
-# enum bpf_prog_type / bpf_map_type / bpf_attach_type values used here (uapi, stable)
-PROG_TRACEPOINT, PROG_SOCK_OPS, PROG_SK_MSG = 5, 13, 16
-CGROUP_PROG_TYPES = {8, 9, 13, 15, 18, 23, 25}  # cgroup_skb, cgroup_sock, sock_ops, device, sock_addr, sysctl, sockopt
-SK_MSG_VERDICT = 7
-PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash/array, lru percpu hash, percpu cgroup storage
-BATCH_MAP_TYPES = {1, 2, 5, 6, 9, 10}  # hash, array, their per-CPU and LRU variants
-LINK_TYPE_NAMES = {1: "raw_tracepoint", 2: "tracing", 3: "cgroup", 4: "iter", 5: "netns", 6: "xdp",
-                   7: "perf_event", 14: "sockmap"}
+ANY, NOEXIST, EXIST = UpdateFlags.ANY, UpdateFlags.NOEXIST, UpdateFlags.EXIST
+NOT_SUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's internal ENOTSUPP
 
-ANY, NOEXIST, EXIST = 0, 1, 2  # map update flags
-
-_VERIFIER_LOG_SIZE = 16 * 1024 * 1024
+# The verifier log buffer of a load starts small; a log that does not fit (ENOSPC) is read again
+# with a buffer this many times larger, up to the kernel's limit.
+VERIFIER_LOG_START = 64 * 1024
+VERIFIER_LOG_GROWTH = 16
+VERIFIER_LOG_MAX = (1 << 30) - 1
+GLOBAL_SECTIONS = (".rodata", ".data", ".bss")
 
 # --- libbpf's own messages go to logging; during a load they are also collected for the error ---
 
@@ -103,7 +105,10 @@ def _describe(path_or_bytes):
 
 
 class Object:
-    """A BPF ELF object: opened on construction, `load()`ed into the kernel, closed on exit."""
+    """A BPF ELF object: opened on construction, `load()`ed into the kernel, closed on exit.
+
+    Its global variables are `rodata`, `data` and `bss` (Globals; None when the object has no
+    such section)."""
 
     def __init__(self, source):
         _check_elf(source)
@@ -119,8 +124,12 @@ class Object:
         self.btf = _btf.BTF(btf_ptr) if btf_ptr != ffi.NULL else None
         self.programs = _Named("program", self._iter(lib.bpf_object__next_program, Program))
         self.maps = _Named("map", self._iter(lib.bpf_object__next_map, Map._of_object))
+        sections = {m.section: m for m in self.maps.values() if m.section in GLOBAL_SECTIONS}
+        self.rodata, self.data, self.bss = (Globals(sections[name]) if name in sections else None
+                                            for name in GLOBAL_SECTIONS)
         self.loaded = False
         self._links = []
+        self._edits = []  # changes before load, replayed on a copy to read a long verifier log
 
     def _iter(self, next_fn, wrap):
         items, ptr = [], next_fn(self._obj, ffi.NULL)
@@ -129,30 +138,68 @@ class Object:
             ptr = next_fn(self._obj, ptr)
         return {item.name: item for item in items}
 
+    def _alive(self):
+        if self._obj is None:
+            raise LibbpfError(f"BPF object {self.name} is closed", errno.EBADF)
+        return self._obj
+
+    def _edit(self, kind, name, value):
+        if self.loaded:
+            raise LibbpfError(f"BPF object {self.name} is loaded already: set {kind} of {name} before load",
+                              errno.EBUSY)
+        self._edits.append((kind, name, value))
+
     def load(self):
-        log_buf = ffi.new("char[]", _VERIFIER_LOG_SIZE)
+        """Load every program and create every map. A refused program raises VerifierError with
+        the verifier's whole log."""
+        failure = self._load_with_log(VERIFIER_LOG_START)
+        size = VERIFIER_LOG_START
+        while isinstance(failure, VerifierError) and failure.errno == errno.ENOSPC and size < VERIFIER_LOG_MAX:
+            size = min(size * VERIFIER_LOG_GROWTH, VERIFIER_LOG_MAX)
+            with self._copy() as copy:  # libbpf loads an object once, so the log is read from a copy
+                failure = copy._load_with_log(size) or failure
+        if failure is not None:
+            raise failure
+        return self
+
+    def _copy(self):
+        """A fresh open of the same object with the same changes before load."""
+        copy = Object(self.source)
+        for kind, name, value in self._edits:
+            if kind == "autoload":
+                copy.programs[name].set_autoload(value)
+            elif kind == "max_entries":
+                copy.maps[name].max_entries = value
+            else:
+                copy.maps[name].initial_value = value
+        return copy
+
+    def _load_with_log(self, log_size):
+        """Load; None on success, else the error to raise."""
+        log_buf = ffi.new("char[]", log_size)
         for prog in self.programs.values():
-            lib.bpf_program__set_log_buf(prog._prog, log_buf, _VERIFIER_LOG_SIZE)
+            lib.bpf_program__set_log_buf(prog._ptr, log_buf, log_size)
         _collected.lines = []
         try:
-            err = lib.bpf_object__load(self._obj)
+            err = lib.bpf_object__load(self._alive())
         finally:
             warnings, _collected.lines = _collected.lines, None
             for prog in self.programs.values():
-                lib.bpf_program__set_log_buf(prog._prog, ffi.NULL, 0)
-        if err < 0:
-            verifier_log = ffi.string(log_buf).decode(errors="replace")
-            failed = [m.group(1) for w in warnings for m in [re.search(r"prog '([^']+)': .*(fail|error)", w)] if m]
-            if verifier_log and failed:
-                raise VerifierError(failed[0], err, verifier_log)
-            reason = warnings[-1].strip() if warnings else ""
-            raise LibbpfError(f"load BPF object {self.name}" + (f" ({reason})" if reason else ""),
-                              err, "\n".join(warnings))
-        self.loaded = True
-        return self
+                lib.bpf_program__set_log_buf(prog._ptr, ffi.NULL, 0)
+        self.loaded = True  # libbpf's rule: an object is loaded once, whatever the outcome
+        if err >= 0:
+            return None
+        verifier_log = ffi.string(log_buf).decode(errors="replace")
+        failed = [m.group(1) for w in warnings for m in [re.search(r"prog '([^']+)': .*(fail|error)", w)] if m]
+        if verifier_log and failed:
+            return VerifierError(failed[0], err, verifier_log)
+        reason = warnings[-1].strip() if warnings else ""
+        return LibbpfError(f"load BPF object {self.name}" + (f" ({reason})" if reason else ""),
+                           err, "\n".join(warnings))
 
     def close(self):
-        """Detach every link this object made that is not pinned, then unload."""
+        """Detach every link this object made that is not pinned, then unload. Its programs and
+        maps raise from here on; pinned maps and links stay in the kernel."""
         for link in self._links:
             link.close()
         self._links.clear()
@@ -171,6 +218,55 @@ class Object:
             self.close()
 
 
+class Globals:
+    """The global variables of one section of an object, by name, decoded from BTF:
+
+        obj.rodata.queue_floor = 4096    # `const volatile` settings: before load only
+        obj.bss.hits                     # after load: read from the kernel's map
+        obj.data.limit = 10              # .data and .bss: before load, and in the kernel after
+
+    Before load a write changes the values libbpf loads; after load .data and .bss are read and
+    written in the kernel's map; .rodata is frozen at load (the verifier relied on its values)."""
+
+    def __init__(self, section_map):
+        object.__setattr__(self, "_map", section_map)
+
+    def values(self):
+        """All variables at once, as a namedtuple."""
+        section = self._map
+        if not section.object.loaded:
+            return _btf.decode(section.value_codec, section.initial_value)
+        return section[0]
+
+    def __getattr__(self, name):
+        values = self.values()
+        if name not in values._fields:
+            raise AttributeError(f"{self._map.section} has no variable {name!r} "
+                                 f"(have: {', '.join(values._fields) or 'none'})")
+        return getattr(values, name)
+
+    def __setattr__(self, name, value):
+        section = self._map
+        if name not in section.value_codec.type._fields:
+            raise AttributeError(f"{section.section} has no variable {name!r}")
+        if not section.object.loaded:
+            raw = bytearray(section.initial_value)
+            _btf.encode_field(section.value_codec, name, value, raw)
+            section.initial_value = bytes(raw)
+        elif section.section == ".rodata":
+            raise AttributeError(f"{section.section} of {section.object.name} is read-only after load "
+                                 f"(set {name} before load)")
+        else:
+            current = section[0]._replace(**{name: value})
+            section[0] = current
+
+    def __dir__(self):
+        return list(self._map.value_codec.type._fields)
+
+    def __repr__(self):
+        return f"<Globals {self._map.section} of {self._map.object.name}>"
+
+
 class _Named(dict):
     """programs/maps by name; a missing name says which names exist."""
 
@@ -183,29 +279,40 @@ class _Named(dict):
 
 
 class Program:
+    """One program of an Object (a view of it: it raises once the object is closed)."""
+
     def __init__(self, obj, ptr):
         self.object, self._prog = obj, ptr
         self.name = ffi.string(lib.bpf_program__name(ptr)).decode()
         self.section = ffi.string(lib.bpf_program__section_name(ptr)).decode()
 
     @property
+    def _ptr(self):
+        if self.object._obj is None:
+            raise LibbpfError(f"program {self.name}: its object {self.object.name} is closed", errno.EBADF)
+        return self._prog
+
+    @property
     def type(self):
-        return lib.bpf_program__type(self._prog)
+        """A ProgType."""
+        return named(ProgType, lib.bpf_program__type(self._ptr))
 
     @property
     def attach_type(self):
-        return lib.bpf_program__expected_attach_type(self._prog)
+        """An AttachType."""
+        return named(AttachType, lib.bpf_program__expected_attach_type(self._ptr))
 
     @property
     def fd(self):
-        fd = lib.bpf_program__fd(self._prog)
+        fd = lib.bpf_program__fd(self._ptr)
         if fd < 0:
             raise LibbpfError(f"program {self.name} is not loaded", errno.EBADF)
         return fd
 
     def set_autoload(self, load):
         """Whether Object.load() loads this program (before load only)."""
-        check(lib.bpf_program__set_autoload(self._prog, bool(load)), f"set autoload of {self.name}")
+        self.object._edit("autoload", self.name, bool(load))
+        check(lib.bpf_program__set_autoload(self._ptr, bool(load)), f"set autoload of {self.name}")
 
     @property
     def id(self):
@@ -244,10 +351,10 @@ class Program:
         interface. use_link=True/False forces one kind.
         """
         target_fd = sockmap.fd
-        attach_type = SK_MSG_VERDICT if self.type == PROG_SK_MSG else self.attach_type
+        attach_type = AttachType.SK_MSG_VERDICT if self.type == ProgType.SK_MSG else self.attach_type
         if use_link is not False:
             if has("bpf_program__attach_sockmap"):
-                ptr = lib.bpf_program__attach_sockmap(self._prog, target_fd)
+                ptr = lib.bpf_program__attach_sockmap(self._ptr, target_fd)
                 fd = lib.bpf_link__fd(ptr) if ptr != ffi.NULL else -(ffi.errno or errno.EINVAL)
                 if fd >= 0:
                     return self._track(Link(fd, self.name, libbpf_link=ptr))
@@ -255,7 +362,7 @@ class Program:
                 fd = lib.bpf_link_create(self.fd, target_fd, attach_type, ffi.NULL)
                 if fd >= 0:
                     return self._track(Link(fd, self.name))
-            if use_link or -fd not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+            if use_link or -fd not in NOT_SUPPORTED:
                 raise LibbpfError(f"attach {self.name} to map {sockmap.name} with a bpf_link", fd)
         check(lib.bpf_prog_attach(self.fd, target_fd, attach_type, 0),
               f"attach {self.name} to map {sockmap.name}")
@@ -271,7 +378,7 @@ class Program:
             opts = ffi.new("struct bpf_iter_attach_opts *", {"sz": ffi.sizeof("struct bpf_iter_attach_opts"),
                                                              "link_info": info,
                                                              "link_info_len": ffi.sizeof(info[0])})
-        ptr = lib.bpf_program__attach_iter(self._prog, opts)
+        ptr = lib.bpf_program__attach_iter(self._ptr, opts)
         check_ptr(ptr, f"attach iterator {self.name}")
         return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
 
@@ -283,7 +390,7 @@ class Program:
                 raise LibbpfError(f"program {self.name}: section {self.section} names no tracepoint", errno.EINVAL)
             category, name = parts[1], parts[2]
         ensure_tracefs()
-        ptr = lib.bpf_program__attach_tracepoint(self._prog, category.encode(), name.encode())
+        ptr = lib.bpf_program__attach_tracepoint(self._ptr, category.encode(), name.encode())
         check_ptr(ptr, f"attach {self.name} to tracepoint {category}:{name}")
         return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
 
@@ -312,7 +419,8 @@ class Link:
     def info(self):
         """id, type and program id; for a cgroup link also the cgroup id (its directory's inode)."""
         info = _obj_info(self.fd, "bpf_link_info")
-        kind = LINK_TYPE_NAMES.get(info.type, str(info.type))
+        link_type = named(LinkType, info.type)
+        kind = link_type.name.lower() if isinstance(link_type, LinkType) else str(link_type)
         out = {"id": info.id, "type": kind, "prog_id": info.prog_id}
         if kind == "cgroup":
             out["cgroup_id"] = info.data[0]
@@ -345,7 +453,14 @@ class Link:
         """Drop this handle. The attachment ends here unless it is pinned."""
         if self._fd is None:
             return
-        if self._libbpf_link is not None:
+        if self._libbpf_link is not None and self.pin_path:
+            # libbpf's destroy would end the attachment (a perf-event link disables its event);
+            # disconnected, it frees its record and closes nothing (a perf-event link's event fd
+            # stays open until this process ends: libbpf does not hand it out)
+            lib.bpf_link__disconnect(self._libbpf_link)
+            lib.bpf_link__destroy(self._libbpf_link)
+            os.close(self._fd)
+        elif self._libbpf_link is not None:
             lib.bpf_link__destroy(self._libbpf_link)
         else:
             os.close(self._fd)
@@ -355,7 +470,7 @@ class Link:
         """End the attachment now, pinned or not, and remove the pin. Links without a detach
         operation (perf-event links before 6.x) end when the pin and this handle are gone."""
         ret = lib.bpf_link_detach(self.fd)
-        if ret < 0 and -ret not in (errno.EOPNOTSUPP, errno.EINVAL, 524):
+        if ret < 0 and -ret not in NOT_SUPPORTED:
             raise LibbpfError(f"detach link of {self.program}", ret)
         self.unpin()
         self.close()
@@ -423,9 +538,10 @@ class ProgAttachment(Link):
         target_fd = _bpf_obj_get(f"{path}/target")
         try:
             info = _obj_info(prog_fd, "bpf_prog_info")
-            if info.type != PROG_SK_MSG:
+            if info.type != ProgType.SK_MSG:
                 raise LibbpfError(f"{path}: pinned attachment of program type {info.type} is not sk_msg", errno.EINVAL)
-            return cls(prog_fd, target_fd, SK_MSG_VERDICT, ffi.string(info.name).decode(), pin_path=str(path))
+            return cls(prog_fd, target_fd, AttachType.SK_MSG_VERDICT, ffi.string(info.name).decode(),
+                       pin_path=str(path))
         finally:
             os.close(prog_fd)
             os.close(target_fd)
@@ -493,28 +609,31 @@ def _add(a, b):
 class Map(MutableMapping):
     """A BPF map as a dict: keys and values are encoded/decoded from BTF.
 
-    Per-CPU maps return a list with one value per possible CPU; `sum(key)` adds them up.
-    """
+    Per-CPU maps return a list with one value per possible CPU; `sum(key)` adds them up. A map of
+    an Object is a view of it (it raises LibbpfError EBADF once the object is closed); one opened
+    from a pin or an id owns its file descriptor until close(). Kernel errors raise LibbpfError
+    (errno set); a missing key raises KeyError."""
 
-    def __init__(self, name, fd_source, map_type, key_codec, value_codec, max_entries):
-        self.name, self.type = name, map_type
-        self._fd_source = fd_source
+    def __init__(self, name, map_type, key_codec, value_codec, section=""):
+        self.name, self.type, self.section = name, named(MapType, map_type), section
         self.key_codec, self.value_codec = key_codec, value_codec
-        self._max_entries = max_entries
         self.percpu = map_type in PERCPU_MAP_TYPES
         self.ncpus = lib.libbpf_num_possible_cpus() if self.percpu else 1
         self._slot = (value_codec.size + 7) // 8 * 8 if self.percpu else value_codec.size
+        self.object = self._map = self._owned_fd = self._max_entries = None
 
     @classmethod
     def _of_object(cls, obj, ptr):
         def codec(type_id, size):
             return obj.btf.codec(type_id) if (type_id and obj.btf) else _btf.plain_codec(size)
 
-        self = cls(ffi.string(lib.bpf_map__name(ptr)).decode(), lambda: lib.bpf_map__fd(ptr),
-                   lib.bpf_map__type(ptr),
+        value_type = lib.bpf_map__btf_value_type_id(ptr)
+        internal = lib.bpf_map__is_internal(ptr) and obj.btf is not None
+        self = cls(ffi.string(lib.bpf_map__name(ptr)).decode(), lib.bpf_map__type(ptr),
                    codec(lib.bpf_map__btf_key_type_id(ptr), lib.bpf_map__key_size(ptr)),
-                   codec(lib.bpf_map__btf_value_type_id(ptr), lib.bpf_map__value_size(ptr)), None)
-        self._map = ptr
+                   codec(value_type, lib.bpf_map__value_size(ptr)),
+                   section=obj.btf.type_name(value_type) if internal else "")
+        self.object, self._map = obj, ptr
         return self
 
     @classmethod
@@ -531,36 +650,79 @@ class Map(MutableMapping):
         return cls._of_fd(fd, like)
 
     @classmethod
+    def create(cls, map_type, key_size, value_size, max_entries, name=""):
+        """A new map without BTF (keys and values are ints or bytes), owned by this handle."""
+        fd = lib.bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, ffi.NULL)
+        if fd < 0:
+            raise LibbpfError(f"create map {name or named(MapType, map_type)}", fd)
+        return cls._of_fd(fd, None)
+
+    @classmethod
     def _of_fd(cls, fd, like):
         info = _obj_info(fd, "bpf_map_info")
         key = like.key_codec if like is not None else _btf.plain_codec(info.key_size)
         value = like.value_codec if like is not None else _btf.plain_codec(info.value_size)
-        self = cls(ffi.string(info.name).decode(), lambda: fd, info.type, key, value, info.max_entries)
-        self._owned_fd = fd
+        self = cls(ffi.string(info.name).decode(), info.type, key, value, like.section if like is not None else "")
+        self._owned_fd, self._max_entries = fd, info.max_entries
         return self
 
     def close(self):
-        fd = getattr(self, "_owned_fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._owned_fd = None
+        """Close the file descriptor this Map owns (one opened from a pin or an id)."""
+        if self._owned_fd is not None:
+            os.close(self._owned_fd)
+            self._owned_fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def _ptr(self):
+        if self.object._obj is None:
+            raise LibbpfError(f"map {self.name}: its object {self.object.name} is closed", errno.EBADF)
+        return self._map
 
     @property
     def fd(self):
-        fd = self._fd_source()
-        if fd is None or fd < 0:
+        if self.object is None:
+            fd = self._owned_fd
+            if fd < 0:
+                raise LibbpfError(f"map {self.name} is closed", errno.EBADF)
+            return fd
+        fd = lib.bpf_map__fd(self._ptr)
+        if fd < 0:
             raise LibbpfError(f"map {self.name} is not loaded", errno.EBADF)
         return fd
 
     @property
     def max_entries(self):
-        if self._max_entries is not None:
+        if self.object is None:
             return self._max_entries
-        return lib.bpf_map__max_entries(self._map)
+        return lib.bpf_map__max_entries(self._ptr)
 
     @max_entries.setter
     def max_entries(self, value):
-        check(lib.bpf_map__set_max_entries(self._map, int(value)), f"set max_entries of {self.name}")
+        if self.object is None:
+            raise LibbpfError(f"map {self.name} is loaded: max_entries is set before load", errno.EBUSY)
+        self.object._edit("max_entries", self.name, int(value))
+        check(lib.bpf_map__set_max_entries(self._ptr, int(value)), f"set max_entries of {self.name}")
+
+    @property
+    def initial_value(self):
+        """The bytes libbpf loads into a global-data map (.rodata, .data, .bss) at load."""
+        size = ffi.new("size_t *")
+        ptr = lib.bpf_map__initial_value(self._ptr, size)
+        if ptr == ffi.NULL:
+            raise LibbpfError(f"map {self.name} has no initial value (not a global-data map)", errno.EINVAL)
+        return ffi.buffer(ptr, size[0])[:]
+
+    @initial_value.setter
+    def initial_value(self, raw):
+        self.object._edit("initial_value", self.name, bytes(raw))
+        check(lib.bpf_map__set_initial_value(self._ptr, ffi.from_buffer(bytes(raw)), len(raw)),
+              f"set the initial value of {self.name}")
 
     @property
     def id(self):
@@ -619,12 +781,31 @@ class Map(MutableMapping):
             raise LibbpfError(f"delete from map {self.name}", ret)
 
     def _raw_keys(self):
-        size = self.key_codec.size
-        prev, nxt = ffi.NULL, ffi.new("char[]", size)
-        while lib.bpf_map_get_next_key(self.fd, prev, nxt) == 0:
+        """Each key once, at most max_entries of them. The kernel walks on from the key it is
+        given, and starts again from the first key when that key was deleted meanwhile: then the
+        walk goes on from the latest key it has yielded that still exists, skipping keys it has
+        yielded already."""
+        fd, size, limit = self.fd, self.key_codec.size, self.max_entries
+        yielded, seen, back, calls = [], set(), 0, 0
+        position, nxt = ffi.NULL, ffi.new("char[]", size)
+        while len(yielded) < limit and calls < 4 * limit + 16:  # bounded whatever the churn
+            calls += 1
+            ret = lib.bpf_map_get_next_key(fd, position, nxt)
+            if ret < 0:
+                if -ret == errno.ENOENT:
+                    return
+                raise LibbpfError(f"walk the keys of map {self.name}", ret)
             raw = ffi.buffer(nxt)[:]
-            yield raw
-            prev = ffi.new("char[]", raw)
+            if raw not in seen:
+                seen.add(raw)
+                yielded.append(raw)
+                back = 0
+                yield raw
+            else:  # the walk restarted: try the keys yielded before, newest first
+                back += 1
+                if back < len(yielded):
+                    raw = yielded[-1 - back]
+            position = ffi.new("char[]", raw)
 
     def __iter__(self):
         for raw in self._raw_keys():
@@ -639,7 +820,7 @@ class Map(MutableMapping):
             try:
                 return self._items_batch()
             except LibbpfError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                if exc.errno not in NOT_SUPPORTED:
                     raise
         out = []
         for key in self:
@@ -678,9 +859,19 @@ class Map(MutableMapping):
         return functools.reduce(_add, values)
 
     def clear(self):
+        """Remove every key; an array map (whose keys always exist) gets zeroed values instead.
+        Raises LibbpfError naming how many entries the kernel refused to remove."""
+        array = self.type in (MapType.ARRAY, MapType.PERCPU_ARRAY)
+        zero = ffi.from_buffer(bytes(self._slot * self.ncpus))
+        failed, last_error = 0, 0
         for raw in list(self._raw_keys()):
-            lib.bpf_map_delete_elem(self.fd, ffi.from_buffer(raw))
+            key = ffi.from_buffer(raw)
+            ret = lib.bpf_map_update_elem(self.fd, key, zero, ANY) if array else lib.bpf_map_delete_elem(self.fd, key)
+            if ret < 0 and -ret != errno.ENOENT:
+                failed, last_error = failed + 1, ret
+        if failed:
+            raise LibbpfError(f"clear map {self.name}: {failed} entries not removed", last_error)
 
     def __repr__(self):
-        return f"<Map {self.name} type={self.type} key={self.key_codec.size}B value={self.value_codec.size}B>"
-
+        kind = self.type.name if isinstance(self.type, MapType) else self.type
+        return f"<Map {self.name} type={kind} key={self.key_codec.size}B value={self.value_codec.size}B>"

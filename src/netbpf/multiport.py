@@ -16,10 +16,10 @@ from pathlib import Path
 
 from . import cgroup, features, tool
 from .errors import UsageError
+from .types import AttachType
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
 MAPS = ("virtual_ports", "mappings", "real_ports", "config_map", "counters")
-BPF_CGROUP_INET4_BIND = 8
 # attach order: everything that reads the remap is in place before binds are remapped
 CGROUP_PROGRAMS = ("mp_sock_release", "mp_post_bind4", "mp_post_bind6", "mp_getsockname4", "mp_getsockname6",
                    "mp_getpeername4", "mp_getpeername6", "mp_connect4", "mp_connect6", "mp_sendmsg4",
@@ -36,7 +36,7 @@ class Multiport(tool.Attachment):
 
     NAME = "multiport"
     MAPS = MAPS
-    MARKER = (BPF_CGROUP_INET4_BIND, "mp_bind4")
+    MARKER = (AttachType.CGROUP_INET4_BIND, "mp_bind4")
     PIN_CHECK = "mp_bind4"
 
     def __init__(self, cgroup_dir=None, ports=(), allow_privileged=False, mode="cgroup"):

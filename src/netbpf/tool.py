@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cgroup
+from . import cgroup, mounts
 from .errors import NetbpfError, ObjectFileError, UsageError
 from .loader import Map, open_pinned_link
 
@@ -72,12 +72,12 @@ def require_root():
 def check_pin_dir(path):
     """The pin directory must be on bpffs (mounted on demand at /sys/fs/bpf)."""
     path = Path(path)
-    if str(path).startswith(cgroup.BPFFS):
-        cgroup.ensure_bpffs()
+    if str(path).startswith(mounts.BPFFS):
+        mounts.ensure_bpffs()
     parent = path if path.exists() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not cgroup.is_bpffs(parent):
+    if not mounts.is_bpffs(parent):
         raise UsageError(f"pin directory {path} is not on a bpffs mount")
     return path
 
@@ -115,7 +115,7 @@ def unpin_all(pin_dir, link_names, map_names):
         if (pin_dir / name).exists():
             (pin_dir / name).unlink()
     for directory in (pin_dir, *pin_dir.parents):
-        if str(directory) == cgroup.BPFFS or not cgroup.is_bpffs(directory):
+        if str(directory) == mounts.BPFFS or not mounts.is_bpffs(directory):
             break
         try:
             directory.rmdir()
