@@ -75,12 +75,13 @@ struct {
 	__type(value, __u64);
 } spliced_services SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct bypass_config);
-} config_map SEC(".maps");
+/* Settings fixed before load (the tool writes .rodata): the verifier prunes what they rule out. */
+const volatile __u64 cgroup_id = 0;      /* the cgroup (v2 id: its directory's inode) whose sockets may join */
+const volatile __u32 scope = SCOPE_LOOPBACK; /* enum bypass_scope */
+const volatile __u32 ports_only = 0;     /* 1: only connections with an end in allowed_ports */
+const volatile __u32 queue_floor = 0;    /* bytes a peer may have queued before sends fall back to TCP, at least */
+const volatile __u32 allow_blocking = 0; /* 1: blocking readers join too (the user accepts tcp_bpf's EAGAIN) */
+
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -116,13 +117,6 @@ static __always_inline struct bypass_counters *counters_here(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&counters, &zero);
-}
-
-static __always_inline struct bypass_config *config_here(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&config_map, &zero);
 }
 
 static __always_inline struct bypass_control *control_here(void)
@@ -214,13 +208,13 @@ static __always_inline int is_loopback(const struct sock_key *key)
 	       key->remote_ip[3] == bpf_htonl(1);
 }
 
-static __always_inline int in_scope(const struct bypass_config *cfg, const struct sock_key *key)
+static __always_inline int in_scope(const struct sock_key *key)
 {
 	struct host_addr addr = { .family = key->family };
 
-	if (cfg->scope == SCOPE_ALL || is_loopback(key))
+	if (scope == SCOPE_ALL || is_loopback(key))
 		return 1;
-	if (cfg->scope != SCOPE_HOST)
+	if (scope != SCOPE_HOST)
 		return 0;
 	__builtin_memcpy(addr.ip, key->remote_ip, sizeof(addr.ip));
 	return bpf_map_lookup_elem(&host_addrs, &addr) != NULL;
@@ -233,15 +227,14 @@ static __always_inline int port_listed(__u32 port)
 	return listed && *listed;
 }
 
-static __always_inline int port_allowed(const struct bypass_config *cfg, const struct sock_key *key)
+static __always_inline int port_allowed(const struct sock_key *key)
 {
-	return !cfg->ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
+	return !ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
 }
 
 /* Why this socket's owner would notice tcp_bpf's receive path now; REASON_NONE when it would
  * not. Read live on every check: a program may change its socket at any time. */
-static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_info *info,
-					   const struct bypass_config *cfg)
+static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_info *info)
 {
 	struct file *file = BPF_CORE_READ(sk, sk_socket, file);
 
@@ -249,7 +242,7 @@ static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_in
 		return REASON_SPLICED;
 	if (!file)
 		return REASON_NO_FILE;
-	if (!(BPF_CORE_READ(file, f_flags) & O_NONBLOCK) && !cfg->allow_blocking)
+	if (!(BPF_CORE_READ(file, f_flags) & O_NONBLOCK) && !allow_blocking)
 		return REASON_BLOCKING;
 	if (BPF_CORE_READ(sk, sk_rcvlowat) > 1)
 		return REASON_RCVLOWAT;
@@ -345,9 +338,9 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 }
 
 /* Established sockets the bypass may take: IPv4/IPv6 with a local peer (scope) on an allowed port. */
-static __always_inline int in_reach(struct bypass_config *cfg, struct sock_key *key)
+static __always_inline int in_reach(struct sock_key *key)
 {
-	return (key->family == AF_INET || key->family == AF_INET6) && in_scope(cfg, key) && port_allowed(cfg, key);
+	return (key->family == AF_INET || key->family == AF_INET6) && in_scope(key) && port_allowed(key);
 }
 
 static __always_inline void note_listener(__u32 port)
@@ -381,8 +374,7 @@ int bypass_sockops(struct bpf_sock_ops *skops)
  * not locked here (the sockhash update and delete take its lock themselves) --- */
 
 static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struct sock_key *key,
-				     struct sock_info *info, struct bypass_config *cfg,
-				     struct bypass_counters *cnt, __u64 round)
+				     struct sock_info *info, struct bypass_counters *cnt, __u64 round)
 {
 	struct sock_key peer_key = {};
 	struct sock_info *peer;
@@ -396,7 +388,7 @@ static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struc
 			set_state(info, STATE_WAITING, REASON_PEER_OUTSIDE, cnt);
 		return;
 	}
-	reason = reader_unsafe(sk, info, cfg);
+	reason = reader_unsafe(sk, info);
 	if (reason == REASON_NONE && !has_read(tp))
 		reason = REASON_NOT_READ;
 	if (reason != REASON_NONE) {
@@ -416,14 +408,27 @@ static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struc
 	cnt->sockets_inserted++;
 }
 
+/* Both ends or neither: a socket whose peer's insert failed after this one joined leaves too. */
+static __always_inline int peer_failed_to_join(struct sock_key *key)
+{
+	struct sock_key peer_key = {};
+	struct sock_info *peer;
+
+	peer_of(key, &peer_key);
+	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
+	return peer && peer->state == STATE_LEFT && peer->reason == REASON_INSERT_FAILED;
+}
+
 /* A joined socket that turned unsafe, or all of them on detach: stop redirecting into it at
  * once (sk_msg redirects only into JOINED peers), and take it out of the map only when its
  * reader has taken everything redirected to it. Leaving the map drops what is still queued. */
 static __always_inline void leave_when_drained(struct sock *sk, struct sock_key *key, struct sock_info *info,
-					       struct bypass_config *cfg, struct bypass_counters *cnt)
+					       struct bypass_counters *cnt)
 {
-	__u32 reason = detaching() ? REASON_DETACH : reader_unsafe(sk, info, cfg);
+	__u32 reason = detaching() ? REASON_DETACH : reader_unsafe(sk, info);
 
+	if (reason == REASON_NONE && peer_failed_to_join(key))
+		reason = REASON_INSERT_FAILED;
 	if (info->state == STATE_JOINED) {
 		if (reason != REASON_NONE)
 			set_state(info, STATE_LEAVING, reason, cnt);
@@ -445,7 +450,6 @@ SEC("iter/task_file")
 int bypass_join(struct bpf_iter__task_file *ctx)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct bypass_config *cfg = config_here();
 	struct bypass_control *ctl = control_here();
 	struct task_struct *task = ctx->task;
 	struct file *file = ctx->file;
@@ -456,7 +460,7 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 	struct sock *sk;
 	int state;
 
-	if (!file || !task || !cnt || !cfg || !ctl)
+	if (!file || !task || !cnt || !ctl)
 		return 0;
 	sock = bpf_sock_from_file(file);
 	if (!sock)
@@ -465,7 +469,7 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 	if (!sk)
 		return 0;
 	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp || !in_cgroup(sk, cfg->cgroup_id))
+	if (!tp || !in_cgroup(sk, cgroup_id))
 		return 0;
 	key_of_sock(sk, &key);
 	state = BPF_CORE_READ(sk, __sk_common.skc_state);
@@ -473,7 +477,7 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 		note_listener(key.local_port);
 		return 0;
 	}
-	if (!in_reach(cfg, &key))
+	if (!in_reach(&key))
 		return 0;
 	info = bpf_map_lookup_elem(&sock_info, &key);
 	if (!info || info->sk != (__u64)sk) {
@@ -496,11 +500,11 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 		if (detaching())
 			set_state(info, STATE_LEFT, REASON_DETACH, cnt);
 		else if (state == TCP_ESTABLISHED)
-			try_join(sk, tp, &key, info, cfg, cnt, ctl->round);
+			try_join(sk, tp, &key, info, cnt, ctl->round);
 		break;
 	case STATE_JOINED:
 	case STATE_LEAVING:
-		leave_when_drained(sk, &key, info, cfg, cnt);
+		leave_when_drained(sk, &key, info, cnt);
 		break;
 	}
 	return 0;
@@ -539,14 +543,13 @@ static __always_inline void mark_spliced(int fd)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_control *ctl = control_here();
-	struct bypass_config *cfg = config_here();
 	struct sock *sk = tcp_sock_of_fd(fd);
 	struct sock_key key = {};
 	struct sock_info *info;
 	__u64 one = 1;
 	__u32 service;
 
-	if (!sk || !cnt || !ctl || !cfg || !in_cgroup(sk, cfg->cgroup_id))
+	if (!sk || !cnt || !ctl || !in_cgroup(sk, cgroup_id))
 		return;
 	key_of_sock(sk, &key);
 	info = bpf_map_lookup_elem(&sock_info, &key);
@@ -590,7 +593,6 @@ SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct bypass_config *cfg = config_here();
 	struct sock_key key = {}, peer_key = {};
 	struct sock_info *peer;
 	struct tcp_sock *self;
@@ -605,7 +607,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	FILL_KEY(&key, msg);
 	peer_of(&key, &peer_key);
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	if (!peer || peer->state != STATE_JOINED || !cfg || !msg->sk)
+	if (!peer || peer->state != STATE_JOINED || !msg->sk)
 		return pass(cnt, &cnt->passed_no_peer, size);
 
 	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
@@ -619,7 +621,7 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		return pass(cnt, &cnt->passed_unread_plain, size);
 
 	rmem = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
-	limit = NETBPF_MAX(BPF_CORE_READ(psk, sk_rcvbuf), (int)cfg->queue_floor);
+	limit = NETBPF_MAX(BPF_CORE_READ(psk, sk_rcvbuf), (int)queue_floor);
 	if (rmem + (int)size > limit)
 		return pass(cnt, &cnt->passed_peer_full, size);
 

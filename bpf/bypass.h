@@ -73,14 +73,6 @@ enum bypass_scope {
 	SCOPE_ALL = 2,
 };
 
-struct bypass_config {
-	__u64 cgroup_id;      /* the cgroup (v2 id: its directory's inode) whose sockets may join */
-	__u32 scope;          /* enum bypass_scope */
-	__u32 ports_only;     /* 1: only connections with an end in allowed_ports */
-	__u32 queue_floor;    /* bytes a peer may have queued before sends fall back to TCP, at least */
-	__u32 allow_blocking; /* 1: blocking readers join too (the user accepts tcp_bpf's EAGAIN) */
-};
-
 /* What changes while attached. */
 struct bypass_control {
 	__u64 round;      /* the agent's round number, stamped on each socket the iterator sees */

@@ -51,12 +51,7 @@ struct {
 	__type(value, struct sock_state);
 } sock_state SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct multiport_config);
-} config_map SEC(".maps");
+const volatile __u32 allow_privileged = 0; /* remap virtual ports below 1024 (set before load) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -92,18 +87,13 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx)
 {
 	__u16 port = bpf_ntohs(ctx->user_port);
 	struct bpf_sock *sk = ctx->sk;
-	struct multiport_config *cfg;
 	struct sock_state *state;
-	__u32 zero = 0;
 
 	if (!port || !sk || !is_virtual(port))
 		return 1;
-	if (port < 1024) {
-		cfg = bpf_map_lookup_elem(&config_map, &zero);
-		if (!cfg || !cfg->allow_privileged) {
-			COUNT(binds_privileged_refused);
-			return 1;
-		}
+	if (port < 1024 && !allow_privileged) {
+		COUNT(binds_privileged_refused);
+		return 1;
 	}
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state)
@@ -160,6 +150,8 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 	rkey.port = m.real_port;
 	rkey.protocol = m.protocol;
 	rval.virtual_port = m.virtual_port;
+	rval.family = m.family;
+	__builtin_memcpy(rval.addr, m.addr, sizeof(rval.addr));
 	rval.cookie = cookie;
 	rval.cgroup_id = m.cgroup_id;
 	bpf_map_update_elem(&real_ports, &rkey, &rval, BPF_ANY);
@@ -255,22 +247,38 @@ static __always_inline int is_loopback_dest(const struct pick *p)
 	return p->dest[0] == 0 && p->dest[1] == 0 && p->dest[2] == 0 && p->dest[3] == bpf_htonl(1);
 }
 
-/* Can a client of pick->dest reach a socket bound as m? A wildcard listener is reached through
- * loopback only: another address may be another host. */
-static __always_inline int reachable(const struct mapping *m, const struct pick *p)
+/* Can a socket of `family` bound to `addr` (as in struct mapping) be pick->dest, the address
+ * a client sends to or a datagram comes from? A wildcard socket only through loopback: another
+ * address may be another host. */
+static __always_inline int reachable(__u8 family, const __u32 *addr, const struct pick *p)
 {
-	if (m->family == AF_INET)
-		return p->v4 && (m->addr[0] == p->dest[3] || (m->addr[0] == 0 && is_loopback_dest(p)));
-	if (is_any6(m->addr))
+	if (family == AF_INET)
+		return p->v4 && (addr[0] == p->dest[3] || (addr[0] == 0 && is_loopback_dest(p)));
+	if (is_any6(addr))
 		return is_loopback_dest(p); /* "::" takes IPv4 too unless IPV6_V6ONLY, which the hook cannot see */
-	return m->addr[0] == p->dest[0] && m->addr[1] == p->dest[1] && m->addr[2] == p->dest[2] &&
-	       m->addr[3] == p->dest[3];
+	return addr[0] == p->dest[0] && addr[1] == p->dest[1] && addr[2] == p->dest[2] && addr[3] == p->dest[3];
+}
+
+/* pick->dest from the address in ctx (v6 as is, v4 as ::ffff:a.b.c.d) */
+static __always_inline void set_dest(struct pick *p, struct bpf_sock_addr *ctx, int v6)
+{
+	if (v6) {
+		p->dest[0] = ctx->user_ip6[0];
+		p->dest[1] = ctx->user_ip6[1];
+		p->dest[2] = ctx->user_ip6[2];
+		p->dest[3] = ctx->user_ip6[3];
+		p->v4 = is_v4_mapped(p->dest);
+	} else {
+		p->dest[2] = bpf_htonl(0xffff);
+		p->dest[3] = ctx->user_ip4;
+		p->v4 = 1;
+	}
 }
 
 static long consider(struct bpf_map *map, __u64 *cookie, struct mapping *m, struct pick *p)
 {
 	if (m->cgroup_id != p->cgroup_id || m->virtual_port != p->virtual_port ||
-	    m->protocol != p->protocol || !reachable(m, p))
+	    m->protocol != p->protocol || !reachable(m->family, m->addr, p))
 		return 0;
 	p->seen++;
 	if (bpf_get_prandom_u32() % p->seen == 0)
@@ -286,17 +294,7 @@ static __always_inline __u16 choose_listener(struct bpf_sock_addr *ctx, __u16 po
 	if (!is_virtual(port))
 		return 0;
 	p.cgroup_id = bpf_get_current_cgroup_id();
-	if (v6) {
-		p.dest[0] = ctx->user_ip6[0];
-		p.dest[1] = ctx->user_ip6[1];
-		p.dest[2] = ctx->user_ip6[2];
-		p.dest[3] = ctx->user_ip6[3];
-		p.v4 = is_v4_mapped(p.dest);
-	} else {
-		p.dest[2] = bpf_htonl(0xffff);
-		p.dest[3] = ctx->user_ip4;
-		p.v4 = 1;
-	}
+	set_dest(&p, ctx, v6);
 	bpf_for_each_map_elem(&mappings, consider, &p, 0);
 	return p.chosen;
 }
@@ -361,29 +359,35 @@ int mp_sendmsg6(struct bpf_sock_addr *ctx)
 	return on_sendmsg(ctx, 1);
 }
 
-/* ...and replies from a remapped socket appear to come from its virtual port. */
-static __always_inline int on_recvmsg(struct bpf_sock_addr *ctx)
+/* ...and replies from a remapped socket appear to come from its virtual port: a datagram whose
+ * source port is a real port, from an address that socket can send from (another host may use
+ * the same port number). */
+static __always_inline int on_recvmsg(struct bpf_sock_addr *ctx, int v6)
 {
 	struct real_port_key key = { .port = bpf_ntohs(ctx->user_port), .protocol = IPPROTO_UDP_ };
 	struct real_port *rp = bpf_map_lookup_elem(&real_ports, &key);
+	struct pick source = {};
 
-	if (rp && rp->cgroup_id == bpf_get_current_cgroup_id()) {
-		ctx->user_port = bpf_htons(rp->virtual_port);
-		COUNT(names_rewritten);
-	}
+	if (!rp || rp->cgroup_id != bpf_get_current_cgroup_id())
+		return 1;
+	set_dest(&source, ctx, v6);
+	if (!reachable(rp->family, rp->addr, &source))
+		return 1;
+	ctx->user_port = bpf_htons(rp->virtual_port);
+	COUNT(names_rewritten);
 	return 1;
 }
 
 SEC("cgroup/recvmsg4")
 int mp_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return on_recvmsg(ctx);
+	return on_recvmsg(ctx, 0);
 }
 
 SEC("cgroup/recvmsg6")
 int mp_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	return on_recvmsg(ctx);
+	return on_recvmsg(ctx, 1);
 }
 
 /* --- release --- */

@@ -26,8 +26,9 @@ struct real_port_key {
 
 struct real_port {
 	__u16 virtual_port;
-	__u16 _pad;
-	__u32 _pad2;
+	__u8 family;        /* of the socket that owns it, and the address it bound (as in mapping) */
+	__u8 _pad;
+	__u32 addr[4];
 	__u64 cookie;       /* the socket that owns it: only that socket's release removes it */
 	__u64 cgroup_id;
 };
@@ -38,10 +39,6 @@ struct sock_state {
 	__u16 real_port;
 	__u16 peer_virtual; /* we redirected its connect: getpeername shows peer_virtual for peer_real */
 	__u16 peer_real;
-};
-
-struct multiport_config {
-	__u32 allow_privileged; /* remap virtual ports below 1024 */
 };
 
 struct multiport_counters {

@@ -8,6 +8,8 @@ from contextlib import redirect_stderr
 
 from netbpf.libbpf import ffi, lib
 
+from conftest import run_in
+
 ATTACH_TYPES = {"sock_ops": 3, "bind4": 8, "bind6": 9, "connect4": 10, "connect6": 11, "post_bind4": 12,
                 "post_bind6": 13, "sendmsg4": 14, "sendmsg6": 15, "recvmsg4": 19, "recvmsg6": 20,
                 "getpeername4": 29, "getpeername6": 30, "getsockname4": 31, "getsockname6": 32,
@@ -34,27 +36,17 @@ def attached_programs(cgroup_path):
     return found
 
 
-def run_as_nobody(fn):
-    """Run fn() in a forked child with uid/gid nobody; return (exit code, stderr)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
+def run_cli_as(privileges, fn):
+    """Run fn() (a tool's main) in a forked child with `privileges` dropped (conftest's
+    drop_privileges); return (exit code, what it wrote to stderr)."""
+
+    def child():
         err = io.StringIO()
-        code = 99
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            with redirect_stderr(err):
-                code = fn()
-        finally:
-            os.write(write_fd, f"{code}\n{err.getvalue()}".encode())
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as f:
-        code, _, stderr = f.read().partition("\n")
-    os.waitpid(pid, 0)
-    return int(code), stderr
+        with redirect_stderr(err):
+            code = fn()
+        return code, err.getvalue()
+
+    return run_in(None, child, privileges=privileges)
 
 
 def bpf_loaded(prefix):

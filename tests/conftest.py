@@ -4,6 +4,7 @@ Safety (DESIGN.md): nothing attaches to the cgroup v2 root. Each test gets its o
 its own pin directory, and both are removed in teardown even when the test fails.
 """
 
+import ctypes
 import itertools
 import os
 import pickle
@@ -109,9 +110,32 @@ def sync():
         raise AssertionError("the parent did not answer sync()")
 
 
-def run_in(group, fn, *args, on_sync=None):
-    """Run fn(*args) in a forked child that first joins `group`; return its result or re-raise.
-    Each sync() in the child runs on_sync() here, in the parent, while the child waits."""
+# capability numbers (linux/capability.h) the tools need
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+def drop_privileges(privileges):
+    """In a forked child: "nobody" becomes uid/gid 65534; "root-without-bpf" stays root and
+    drops CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN from its effective set (a
+    container's root)."""
+    if privileges == "nobody":
+        os.setgid(65534)
+        os.setuid(65534)
+        return
+    assert privileges == "root-without-bpf", privileges
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x 2 words
+    assert libc.capget(header, data) == 0
+    for cap in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF):
+        data[3 * (cap // 32)] &= ~(1 << cap % 32)
+    assert libc.capset(header, data) == 0, os.strerror(ctypes.get_errno())
+
+
+def run_in(group, fn, *args, on_sync=None, privileges=None):
+    """Run fn(*args) in a forked child that first joins `group` (None: stays where the test
+    is) and drops `privileges` (see drop_privileges); return its result or re-raise. Each sync()
+    in the child runs on_sync() here, in the parent, while the child waits."""
     global _sync_fds
     read_fd, write_fd = os.pipe()
     request_r, request_w = os.pipe()
@@ -121,7 +145,10 @@ def run_in(group, fn, *args, on_sync=None):
         os.close(read_fd)
         _sync_fds = (request_w, answer_r)
         try:
-            group.add(os.getpid())
+            if group is not None:
+                group.add(os.getpid())
+            if privileges:
+                drop_privileges(privileges)
             result = ("ok", fn(*args))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -157,7 +184,7 @@ def run_in(group, fn, *args, on_sync=None):
     if failure is not None:
         raise failure
     if status == "error":
-        raise AssertionError(f"child in {group.path} failed: {value}")
+        raise AssertionError(f"child in {group.path if group else 'the test cgroup'} failed: {value}")
     return value
 
 

@@ -506,7 +506,7 @@ def netbpf_objects():
 
         names |= {entry.get("name", "") for entry in json.loads(out or "[]")}
     ours = {"bypass_sk_msg", "bypass_join", "bypass_splice", "bypass_sendfile", "sock_map", "sock_info",
-            "listeners", "spliced_service", "config_map", "control", "allowed_ports", "host_addrs"}
+            "listeners", "spliced_service", "bypass.rodata", "control", "allowed_ports", "host_addrs"}
     return names & ours
 
 
@@ -619,3 +619,71 @@ def test_detach_while_connections_carry_data_loses_nothing(cg):
     for i, (count, digest) in box["results"]:
         assert count == total // 4 and digest == digest_of_stream(total // 4, 100 + i)
     assert wait_for(lambda: netbpf_objects() == set())
+
+
+# --- both ends or neither, and the agent's bookkeeping ---
+
+class SockmapOfThree(Bypass):
+    """A bypass whose sockhash takes three sockets: the fourth insert fails."""
+
+    def _prepare(self, obj):
+        super()._prepare(obj)
+        obj.maps["sock_map"].max_entries = 3
+
+
+def test_when_one_end_cannot_join_its_peer_leaves_the_map_too(cg):
+    """Two pairs, room for three sockets: one pair joins, one end of the other joins and its
+    peer's insert fails. That lone end leaves again (no half-bypassed connection), and both
+    connections carry every byte."""
+    with SockmapOfThree(str(cg.path), drain_timeout=5.0) as bypass:
+        syncs = []
+
+        def settled():
+            syncs.append(1)
+            if len(syncs) < 2:
+                return  # the first pair is ready; the second one is set up next
+
+            def done():
+                stats = bypass.stats()
+                return (stats["insert_failed"] == 1 and stats["left_by_reason"] == {"insert_failed": 1}
+                        and stats["sockets"] == 2)
+
+            assert wait_for(done, 20), bypass.stats()
+
+        def two_pairs():
+            pairs = [joinable_pair() for _ in range(2)]
+            got = []
+            for srv, cli, conn in pairs:
+                cli.sendall(PATTERN[:100000])
+                got.append(recv_exactly(conn, 100000) == PATTERN[:100000])
+                conn.sendall(b"back")
+                got.append(recv_exactly(cli, 4) == b"back")
+                close_all(cli, conn, srv)
+            return got
+
+        assert run_in(cg, two_pairs, on_sync=settled) == [True] * 4
+        assert bypass.stats()["sockets_inserted"] == 3
+
+
+def test_a_closed_listener_leaves_the_listeners_map(bypass, cg):
+    """sockops notes a listener when it starts listening; the agent's next round forgets it
+    once it is closed."""
+
+    def listen_then_close():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        sync()
+        srv.close()
+
+    seen = {}
+
+    def listed():
+        assert wait_for(lambda: len(bypass.obj.maps["listeners"]) == 1, 10)
+        bypass.tick()
+        seen["ports"] = set(bypass.obj.maps["listeners"])
+
+    run_in(cg, listen_then_close, on_sync=listed)
+    assert len(seen["ports"]) == 1  # still listening at that round
+    bypass.tick()
+    assert len(bypass.obj.maps["listeners"]) == 0

@@ -11,7 +11,7 @@ import pytest
 
 from netbpf import bypass, tool
 
-from clitools import bpf_loaded, run_as_nobody, run_cli
+from clitools import bpf_loaded, run_cli, run_cli_as
 from conftest import run_in, sync, wait_for
 from netutil import PATTERN, close_all, joinable_pair, recv_exactly
 
@@ -190,7 +190,7 @@ def test_unbuilt_objects_are_bad_input(cg, pin_dir, tmp_path):
 
 
 def test_non_root_is_bad_input(cg, pin_dir):
-    code, stderr = run_as_nobody(lambda: tool.main(
+    code, stderr = run_cli_as("nobody", lambda: tool.main(
         "netbpf.bypass", lambda: bypass.cli(["attach", "--cgroup", str(cg.path), "--pin-dir", str(pin_dir / "b")])))
     assert code == 2 and "must run as root" in stderr
     assert not bpf_loaded("bypass_")

@@ -122,28 +122,17 @@ def test_verifier_rejection_carries_the_full_log():
     obj.close()
 
 
-def test_non_root_caller_gets_a_clear_permission_error():
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        message = b"loaded"
+@pytest.mark.parametrize("privileges", ["nobody", "root-without-bpf"])
+def test_a_caller_without_privileges_gets_a_clear_permission_error(privileges):
+    def load():
         try:
-            os.setgid(65534)
-            os.setuid(65534)  # nobody
             Object(built_object("probe")).load()
         except netbpf.LibbpfError as exc:
-            message = f"{type(exc).__name__}|{exc.errno}|{exc}".encode()
-        except BaseException as exc:  # noqa: BLE001
-            message = f"other|{exc!r}".encode()
-        os.write(write_fd, message)
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        kind, code, text = f.read().decode().split("|", 2)
-    os.waitpid(pid, 0)
-    assert kind == "LibbpfError"
-    assert int(code) == errno.EPERM
+            return type(exc).__name__, exc.errno, str(exc)
+        return "loaded", 0, ""
+
+    kind, code, text = run_in(None, load, privileges=privileges)
+    assert (kind, code) == ("LibbpfError", errno.EPERM)
     assert "needs root" in text
 
 
@@ -498,3 +487,12 @@ def test_a_verifier_log_longer_than_the_first_buffer_arrives_whole(monkeypatch):
 def test_types_are_enum_members(probe):
     assert probe.programs["on_getsockname_tp"].type is netbpf.types.ProgType.TRACEPOINT
     assert probe.maps["events"].type is netbpf.types.MapType.HASH
+
+
+@pytest.mark.parametrize("tool, settings", [
+    ("bypass", {"cgroup_id", "scope", "ports_only", "queue_floor", "allow_blocking"}),
+    ("multiport", {"allow_privileged"})])
+def test_the_tools_fixed_settings_are_rodata_globals_not_maps(tool, settings):
+    with Object(netbpf.object_path(tool)) as obj:
+        assert settings <= set(obj.rodata.values()._fields)
+        assert not [name for name in obj.maps if "config" in name]

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from netbpf import features
+from netbpf import features, multiport, tool
+from netbpf.errors import LibbpfError
 from netbpf.multiport import Multiport
 
-from clitools import attached_programs, run_cli
-from conftest import run_in
+from clitools import attached_programs, run_cli, run_cli_as
+from conftest import run_in, sync
 
 SERVER = str(Path(__file__).with_name("mpserver.py"))
 
@@ -160,6 +161,57 @@ def test_udp_bind_getsockname_and_echo_through_the_virtual_port(cg, vport):
         stats = mp.stats()
         assert stats["datagrams_redirected"] == 1
         assert [(m["protocol"], m["virtual_port"]) for m in stats["mappings"]] == [("udp", vport)]
+
+
+def test_only_datagrams_from_the_remapped_socket_show_the_virtual_port(cg, vport):
+    """A datagram from the remapped socket's own address and real port reads as coming from the
+    virtual port; one from another address that happens to use the same port number (another
+    host, or here 127.0.0.2) keeps its real source."""
+    with Multiport(str(cg.path), [vport]) as mp:
+        sent_from = {}
+
+        def send_from_elsewhere():
+            [mapping] = mp.mappings()
+            sent_from["port"] = mapping["real_port"]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.bind(("127.0.0.2", mapping["real_port"]))
+                other.sendto(b"elsewhere", ("127.0.0.1", mapping["real_port"]))
+
+        def receiver():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(5)
+                u.bind(("127.0.0.1", vport))
+                sync()
+                got = [u.recvfrom(100)]
+                u.sendto(b"itself", ("127.0.0.1", vport))
+                got.append(u.recvfrom(100))
+                return got
+
+        got = run_in(cg, receiver, on_sync=send_from_elsewhere)
+    assert got == [(b"elsewhere", ("127.0.0.2", sent_from["port"])), (b"itself", ("127.0.0.1", vport))]
+
+
+@pytest.mark.parametrize("probe_first", [False, True])
+def test_root_without_bpf_capabilities_is_told_so_not_that_hooks_are_missing(cg, pin_dir, probe_first):
+    """Root in a container without CAP_BPF & co: the CLI says which capabilities are missing (one
+    line, status 2), and the feature probes say "needs root" instead of "no such hook"."""
+    if probe_first:
+        def attach():
+            features.cgroup_hook.cache_clear()
+            try:
+                Multiport(str(cg.path), [3000]).attach()
+            except LibbpfError as exc:
+                return str(exc)
+            return "attached"
+
+        message = run_in(None, attach, privileges="root-without-bpf")
+        assert "needs root" in message and "hook" not in message
+    else:
+        code, stderr = run_cli_as("root-without-bpf", lambda: tool.main("netbpf.multiport", lambda: multiport.cli(
+            ["attach", "--cgroup", str(cg.path), "--port", "3000", "--pin-dir", str(pin_dir / "mp")])))
+        assert code == 2 and len(stderr.strip().splitlines()) == 1
+        assert "without CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN" in stderr
+    assert attached_programs(cg.path) == {} and not (pin_dir / "mp").exists()
 
 
 def test_what_is_left_alone(cg, vport):

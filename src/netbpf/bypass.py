@@ -34,7 +34,7 @@ from .types import AttachType
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
-MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "counters", "config_map", "control",
+MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "counters", ".rodata", "control",
         "host_addrs", "allowed_ports")
 JOIN_INTERVAL = 0.02       # seconds between rounds of the join iterator, at least
 SLOW_INTERVAL = 1.0        # between rounds while nothing new happens but sockets wait or are joined
@@ -200,12 +200,14 @@ class Bypass(tool.Attachment):
     def _prepare(self, obj):
         for name in ("sock_map", "sock_info"):
             obj.maps[name].max_entries = self.max_sockets
+        settings = obj.rodata
+        settings.cgroup_id = cgroup.cgroup_id(self.cgroup)
+        settings.scope = SCOPES[self.scope]
+        settings.ports_only = int(bool(self.ports))
+        settings.queue_floor = self.queue_floor
+        settings.allow_blocking = int(self.allow_blocking_readers)
 
     def _configure(self, maps):
-        maps["config_map"][0] = {"cgroup_id": cgroup.cgroup_id(self.cgroup),
-                                 "scope": SCOPES[self.scope], "ports_only": int(bool(self.ports)),
-                                 "queue_floor": self.queue_floor,
-                                 "allow_blocking": int(self.allow_blocking_readers)}
         maps["control"][0] = {"detaching": 0, "agent_pid": 0}
         for port in self.ports:
             maps["allowed_ports"][port] = 1
@@ -396,7 +398,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
                 "redirected_msgs": 0, "redirected_bytes": 0, "passed_msgs": 0}
     with Bypass.pinned_maps(pin_dir) as maps:
         refresh_host_addrs(maps["host_addrs"])
-        config, control = maps["config_map"][0], maps["control"][0]
+        config, control = maps[".rodata"][0], maps["control"][0]
         sk_msg = open_pinned_link(pin_dir / "sk_msg")
         mechanism = sk_msg.kind
         sk_msg.close()

@@ -37,7 +37,7 @@ class LibbpfError(NetbpfError, OSError):
         self.details = details
         hint = ""
         if err == _errno.EPERM and not isinstance(self, VerifierError):
-            hint = " (BPF needs root: CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+            hint = " (BPF needs root: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN)"
         OSError.__init__(self, err, f"{what}: {strerror(err)}{hint}")
 
     def __str__(self):

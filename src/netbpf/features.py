@@ -3,11 +3,13 @@
 
 Each probe is cached; `summary()` is what the tools' `status` shows."""
 
+import errno
 import functools
 import os
 import platform
 from pathlib import Path
 
+from .errors import LibbpfError
 from .libbpf import ffi, lib
 from .types import AttachType, MapType, ProgType
 
@@ -31,10 +33,19 @@ def _load(prog_type, attach_type, program=_RETURN_ONE):
     return lib.bpf_prog_load(prog_type, b"netbpf_probe", b"GPL", insns, len(program), opts)
 
 
+def _refused(err):
+    """False: the kernel lacks the feature. A refusal for want of privileges is no answer about
+    the kernel and raises LibbpfError (EPERM, saying what is needed)."""
+    if -err == errno.EPERM:
+        raise LibbpfError("probe the kernel's BPF features", err)
+    return False
+
+
 def _loads(prog_type, attach_type=0, program=_RETURN_ONE):
+    """Whether the kernel takes the program."""
     fd = _load(prog_type, attach_type, program)
     if fd < 0:
-        return False
+        return _refused(fd)
     os.close(fd)
     return True
 
@@ -51,7 +62,7 @@ def sockmap_link():
     """Whether sk_msg programs attach to a sockmap with a bpf_link (6.10+)."""
     prog = _load(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT)
     if prog < 0:
-        return False
+        return _refused(prog)
     sockhash = lib.bpf_map_create(MapType.SOCKHASH, b"netbpf_probe", 8, 8, 1, ffi.NULL)
     try:
         if sockhash < 0:

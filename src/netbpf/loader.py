@@ -268,13 +268,17 @@ class Globals:
 
 
 class _Named(dict):
-    """programs/maps by name; a missing name says which names exist."""
+    """programs/maps by name; global-data maps also by section ('.rodata', whatever libbpf named
+    the map); a missing name says which names exist."""
 
     def __init__(self, kind, items):
         super().__init__(items)
         self.kind = kind
 
     def __missing__(self, name):
+        for item in self.values():
+            if name in GLOBAL_SECTIONS and getattr(item, "section", None) == name:
+                return item
         raise KeyError(f"no {self.kind} named {name!r} (have: {', '.join(sorted(self)) or 'none'})")
 
 

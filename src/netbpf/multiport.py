@@ -19,7 +19,7 @@ from .errors import UsageError
 from .types import AttachType
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
-MAPS = ("virtual_ports", "mappings", "real_ports", "config_map", "counters")
+MAPS = ("virtual_ports", "mappings", "real_ports", ".rodata", "counters")
 # attach order: everything that reads the remap is in place before binds are remapped
 CGROUP_PROGRAMS = ("mp_sock_release", "mp_post_bind4", "mp_post_bind6", "mp_getsockname4", "mp_getsockname6",
                    "mp_getpeername4", "mp_getpeername6", "mp_connect4", "mp_connect6", "mp_sendmsg4",
@@ -60,6 +60,7 @@ class Multiport(tool.Attachment):
         wanted = set(self._programs())
         for name, prog in obj.programs.items():
             prog.set_autoload(name in wanted)
+        obj.rodata.allow_privileged = int(self.allow_privileged)
 
     def _load(self):
         """Name what the kernel lacks in one line instead of a verifier log."""
@@ -76,7 +77,6 @@ class Multiport(tool.Attachment):
     def _configure(self, maps):
         for port in self.ports:
             maps["virtual_ports"][port] = 1
-        maps["config_map"][0] = {"allow_privileged": int(self.allow_privileged)}
         if self.mode == "tracepoint":
             fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -125,7 +125,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
         return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "mp_bind4"), "pin_dir": str(pin_dir),
                 "mode": mode, "getsockname_via": {"cgroup": "cgroup getsockname4/6 hooks",
                                                   "tracepoint": "syscall tracepoints + bpf_probe_write_user"}[mode],
-                "kernel": features.summary(), "allow_privileged": bool(maps["config_map"][0].allow_privileged),
+                "kernel": features.summary(), "allow_privileged": bool(maps[".rodata"][0].allow_privileged),
                 "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
 
 

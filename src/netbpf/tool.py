@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """What the two command-line tools share: argument parsing, input checks, pin directories,
 the live loop, and the rule that bad input is one line on stderr and exit status 2."""
 
@@ -64,9 +65,26 @@ def parse_ports(items):
     return sorted(ports)
 
 
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def effective_capabilities():
+    """The names of CAPABILITIES this process has in its effective set."""
+    with open("/proc/self/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
+
+
 def require_root():
+    """Loading, attaching and pinning need root with its capabilities (a container's root may
+    lack some): a missing privilege is bad input, named as such."""
     if os.geteuid() != 0:
-        raise UsageError("must run as root (loading BPF programs needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+        raise UsageError("must run as root (loading BPF programs needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, "
+                         "CAP_SYS_ADMIN)")
+    missing = sorted(set(CAPABILITIES) - effective_capabilities())
+    if missing:
+        raise UsageError(f"runs as root but without {', '.join(missing)}: loading and attaching BPF programs "
+                         "needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN")
 
 
 def check_pin_dir(path):
@@ -104,6 +122,11 @@ def link_cgroup(path):
         return cgroup_path_of_id(link.info()["cgroup_id"])
 
 
+def pin_name(map_name):
+    """The pin file of a map: its name, a section's without the dot ('.rodata' -> 'rodata')."""
+    return map_name.lstrip(".")
+
+
 def unpin_all(pin_dir, link_names, map_names):
     """Detach the pinned links (even if another holder keeps them alive), remove every pin, and
     the pin directory with the parents that are left empty below the bpffs mount."""
@@ -111,7 +134,7 @@ def unpin_all(pin_dir, link_names, map_names):
     for name in link_names:
         if (pin_dir / name).exists():
             open_pinned_link(pin_dir / name).detach()
-    for name in map_names:
+    for name in map(pin_name, map_names):
         if (pin_dir / name).exists():
             (pin_dir / name).unlink()
     for directory in (pin_dir, *pin_dir.parents):
@@ -125,7 +148,7 @@ def unpin_all(pin_dir, link_names, map_names):
 
 def open_pinned_maps(pin_dir, obj, names):
     """The pinned maps of a tool, decoded with the BTF of its (unloaded) object file."""
-    return {name: Map.open_pinned(Path(pin_dir) / name, like=obj.maps[name]) for name in names}
+    return {name: Map.open_pinned(Path(pin_dir) / pin_name(name), like=obj.maps[name]) for name in names}
 
 
 class Stop(Exception):
@@ -263,7 +286,7 @@ class Attachment:
         pin_dir.mkdir(parents=True, exist_ok=True)
         try:
             for name in self.MAPS:
-                self.obj.maps[name].pin(pin_dir / name)
+                self.obj.maps[name].pin(pin_dir / pin_name(name))
             for name, link in self.links.items():
                 link.pin(pin_dir / name)
         except BaseException:
@@ -308,7 +331,8 @@ class Attachment:
         pin_dir = Path(pin_dir)
         if not pin_dir.exists() or not any(pin_dir.iterdir()):
             return False
-        unpin_all(pin_dir, [p.name for p in pin_dir.iterdir() if p.name not in cls.MAPS], cls.MAPS)
+        maps = {pin_name(name) for name in cls.MAPS}
+        unpin_all(pin_dir, [p.name for p in pin_dir.iterdir() if p.name not in maps], cls.MAPS)
         return True
 
 
