@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from netbpf import bypass, tool
+from netbpf import bypass
 
 from clitools import bpf_loaded, run_cli, run_cli_as
 from conftest import run_in, sync, wait_for
 from netutil import PATTERN, close_all, joinable_pair, recv_exactly
+from test_transparency import splice_reader
 
 
 def exchange():
@@ -85,6 +86,19 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
     status = json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)
     assert status["attached"] is False
     assert run_cli("bypass", "detach", "--pin-dir", pins).returncode == 2
+
+
+def test_splice_readers_are_seen_after_the_attach_command_has_exited(cg, pin_dir):
+    """The splice tracepoints are pinned links: they keep firing once `attach` has exited."""
+    pins = pin_dir / "bypass"
+    result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert run_in(cg, splice_reader, False, False) == (b"", 200000, True)
+        info = json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)
+        assert info["spliced"] == 1 and info["redirected_msgs"] == 0
+    finally:
+        assert run_cli("bypass", "detach", "--pin-dir", pins).returncode == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -190,8 +204,8 @@ def test_unbuilt_objects_are_bad_input(cg, pin_dir, tmp_path):
 
 
 def test_non_root_is_bad_input(cg, pin_dir):
-    code, stderr = run_cli_as("nobody", lambda: tool.main(
-        "netbpf.bypass", lambda: bypass.cli(["attach", "--cgroup", str(cg.path), "--pin-dir", str(pin_dir / "b")])))
+    code, stderr = run_cli_as("nobody", lambda: bypass.run_cli(
+        ["attach", "--cgroup", str(cg.path), "--pin-dir", str(pin_dir / "b")]))
     assert code == 2 and "must run as root" in stderr
     assert not bpf_loaded("bypass_")
 
@@ -201,6 +215,6 @@ def test_no_cgroup_v2_is_bad_input(monkeypatch, capsys):
 
     real = mounts.mount_points
     monkeypatch.setattr(mounts, "mount_points", lambda fstype: [] if fstype == "cgroup2" else real(fstype))
-    assert tool.main("netbpf.bypass", lambda: bypass.cli(["attach"])) == 2
+    assert bypass.run_cli(["attach"]) == 2
     err = capsys.readouterr().err
     assert "no cgroup v2 file system is mounted" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netbpf import features, multiport, tool
+from netbpf import features, multiport
 from netbpf.errors import LibbpfError
 from netbpf.multiport import Multiport
 
@@ -207,8 +207,8 @@ def test_root_without_bpf_capabilities_is_told_so_not_that_hooks_are_missing(cg,
         message = run_in(None, attach, privileges="root-without-bpf")
         assert "needs root" in message and "hook" not in message
     else:
-        code, stderr = run_cli_as("root-without-bpf", lambda: tool.main("netbpf.multiport", lambda: multiport.cli(
-            ["attach", "--cgroup", str(cg.path), "--port", "3000", "--pin-dir", str(pin_dir / "mp")])))
+        code, stderr = run_cli_as("root-without-bpf", lambda: multiport.run_cli(
+            ["attach", "--cgroup", str(cg.path), "--port", "3000", "--pin-dir", str(pin_dir / "mp")]))
         assert code == 2 and len(stderr.strip().splitlines()) == 1
         assert "without CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN" in stderr
     assert attached_programs(cg.path) == {} and not (pin_dir / "mp").exists()

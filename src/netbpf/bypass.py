@@ -468,8 +468,8 @@ def show_draining(prog, remaining, pinned):
         print(f"{prog}: they keep netbpf's map, redirecting nothing, until they close", file=sys.stderr)
 
 
-def build_parser():
-    parser = tool.Parser(prog="python -m netbpf.bypass",
+def build_parser(prog="python -m netbpf.bypass"):
+    parser = tool.Parser(prog=prog,
                          description="Local TCP connections skip the TCP/IP stack (sockops + sk_msg).")
     parser.add_argument("command", nargs="?", default="run",
                         choices=("run", "attach", "status", "detach", "agent"),
@@ -498,8 +498,8 @@ def build_parser():
     return parser
 
 
-def cli(argv=None):
-    args = build_parser().parse_args(argv)
+def cli(argv=None, prog="python -m netbpf.bypass"):
+    args = build_parser(prog).parse_args(argv)
     tool.setup_logging(args.verbose)
     ports = tool.parse_ports(args.ports)
     prog = "bypass"
@@ -536,8 +536,13 @@ def cli(argv=None):
                             after_attach=after_attach, after_close=after_close)
 
 
+def run_cli(argv, prog="python -m netbpf.bypass"):
+    """The command line: its exit status (bad input: one line on stderr and 2)."""
+    return tool.main("netbpf.bypass", lambda: cli(argv, prog))
+
+
 def main():
-    sys.exit(tool.main("netbpf.bypass", cli))
+    sys.exit(run_cli(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -182,8 +182,8 @@ def exec_in_own_cgroup(args, ports, command):
     return code if code >= 0 else 128 - code
 
 
-def build_parser():
-    parser = tool.Parser(prog="python -m netbpf.multiport",
+def build_parser(prog="python -m netbpf.multiport"):
+    parser = tool.Parser(prog=prog,
                          description="Many processes bind the same port; each gets a free real port and "
                                      "getsockname()/getpeername() show the port it asked for.")
     parser.add_argument("command", nargs="?", default="run", choices=("run", "attach", "status", "detach", "exec"),
@@ -200,13 +200,13 @@ def build_parser():
     return parser
 
 
-def cli(argv=None):
+def cli(argv=None, prog="python -m netbpf.multiport"):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = []
     if "--" in argv:
         at = argv.index("--")
         argv, command = argv[:at], argv[at + 1:]
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     tool.setup_logging(args.verbose)
     ports = tool.parse_ports(args.port)
     if args.command == "exec":
@@ -223,8 +223,13 @@ def cli(argv=None):
     return tool.run_command(args, Multiport, make, status, show_status, live_line)
 
 
+def run_cli(argv, prog="python -m netbpf.multiport"):
+    """The command line: its exit status (bad input: one line on stderr and 2)."""
+    return tool.main("netbpf.multiport", lambda: cli(argv, prog))
+
+
 def main():
-    sys.exit(tool.main("netbpf.multiport", cli))
+    sys.exit(run_cli(sys.argv[1:]))
 
 
 if __name__ == "__main__":

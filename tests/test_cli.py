@@ -1,0 +1,30 @@
+# SPDX-License-Identifier: MIT
+"""The `netbpf` console command that `make` installs, beside `python -m netbpf.TOOL`."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def netbpf(*args, module=False):
+    command = [sys.executable, "-m", "netbpf"] if module else [shutil.which("netbpf") or "netbpf"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["console-command", "python-m"])
+def test_netbpf_runs_each_tool(module, pin_dir):
+    listing = netbpf("--help", module=module)
+    assert listing.returncode == 0 and "bypass" in listing.stdout and "multiport" in listing.stdout
+    for name in ("bypass", "multiport"):
+        usage = netbpf(name, "--help", module=module)
+        assert usage.returncode == 0 and usage.stdout.startswith(f"usage: netbpf {name}")
+        status = netbpf(name, "status", "--pin-dir", str(pin_dir / name), module=module)
+        assert status.returncode == 0 and status.stdout == f"{name}: not attached (no pins in {pin_dir / name})\n"
+
+
+def test_netbpf_with_an_unknown_tool_is_one_line_and_status_2():
+    result = netbpf("bypas")
+    assert result.returncode == 2 and result.stderr == "netbpf: no tool named 'bypas' (have: bypass, multiport)\n"
+    assert netbpf().returncode == 2
