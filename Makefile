@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # netbpf build: BPF objects (CO-RE), the vendored libbpf when present, the Python package.
 #   make            build everything and install the package (editable) for $(PYTHON)
 #   make deps       install the Debian packages the build and the tests need

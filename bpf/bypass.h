@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0 */
 /* bypass: the structs both sides read. Python decodes them from the object's BTF. */
 #ifndef BYPASS_H
 #define BYPASS_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0 */
 /* multiport: the structs both sides read. Python decodes them from the object's BTF. */
 #ifndef MULTIPORT_H
 #define MULTIPORT_H

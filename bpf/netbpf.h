@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0 */
 /* Definitions shared by every netbpf BPF program. */
 #ifndef NETBPF_H
 #define NETBPF_H

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The benchmark a skeptic would trust: plain TCP, bypass and AF_UNIX measured side by side.
 
     sudo python3 -m evaluate.bench [--quick] [--reps N] [--out DIR]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 /* pingpong: request/response latency and one-way throughput between two local processes.
  *
  *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short] [-e] [-n REQUESTS] [-s SIZE] [-c CONNECTIONS]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # The original latency experiment: one connection, N echoed requests of SIZE bytes, average
 # round-trip time without and then with the bypass. Both runs happen in a child cgroup this
 # script creates; the bypass is attached to that cgroup only, and everything is detached and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The bypass as the tests use it: attached to the test's cgroup with an agent thread that runs
 the join iterator, and conditions a test waits for (with a deadline) before it goes on."""
 

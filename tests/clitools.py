@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Running the tools' command lines as a user would, and checking they left nothing behind."""
 
 import io

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Fixtures shared by every test: a child cgroup, a bpffs pin directory, running code inside the cgroup.
 
 Safety (DESIGN.md): nothing attaches to the cgroup v2 root. Each test gets its own child cgroup and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """A server for the multiport tests: binds PROTO HOST PORT, prints one JSON line with its pid and
 getsockname() port, then serves until its stdin closes. A TCP client gets a line with the server's
 pid and the accepted socket's getsockname() port, then an echo; a UDP datagram is echoed back."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Socket patterns the bypass tests run inside their cgroup."""
 
 import hashlib

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Benchmark (not a timed assertion): open + load + attach + detach of a small object."""
 
 from netbpf import Object

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Benchmark (not a timed assertion): bind() + getsockname() with and without multiport.
 
 A worker process in the cgroup runs the loop; each benchmark round is one request to it over a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Real servers and clients through the bypass, unchanged: redis with redis-benchmark, and asyncio."""
 
 import asyncio
@@ -7,12 +8,11 @@ import random
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
 
 from bypassutil import joined
-from conftest import run_in, sync
+from conftest import run_in, sync, wait_for
 
 
 def free_port():
@@ -29,6 +29,14 @@ def need(program):
     return path
 
 
+def accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def redis_server(cg):
     need("redis-server")
@@ -36,13 +44,7 @@ def redis_server(cg):
     proc = cg.popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--protected-mode", "no"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    assert wait_for(lambda: accepts(port), 10), "redis-server did not start listening"
     yield port
     proc.terminate()
     proc.wait(timeout=10)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """python -m netbpf.bypass as a user types it: run, attach, status, detach, and every bad input."""
 
 import json

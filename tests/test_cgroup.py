@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """cgroup v2 and bpffs discovery against this machine's real mounts."""
 
 import os

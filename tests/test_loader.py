@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """The loader against the running kernel: every program type attached to a child cgroup, the
 event caused from a process inside it, the effect read back from a map."""
 

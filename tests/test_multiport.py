@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """multiport in the running kernel: real binds, connects and datagrams in child cgroups."""
 
 import json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """Conformance: no program can tell that its socket is bypassed.
 
 Each case is a small program run twice, in a child cgroup without the bypass (the reference:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """netbpf: eBPF tools for processes that talk on one host, and a small libbpf loader for Python."""
 
 import os

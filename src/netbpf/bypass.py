@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """bypass: local TCP connections skip the TCP/IP stack, and no program can tell.
 
     with Bypass(cgroup="/sys/fs/cgroup/unified/myapp") as bypass:

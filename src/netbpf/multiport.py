@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 """multiport: many processes bind "port 3000"; each gets a free real port, and nobody can tell.
 
     with Multiport(cgroup="/sys/fs/cgroup/unified/app", ports=[3000]) as mp:

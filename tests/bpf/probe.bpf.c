@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0
 // Small programs, one per program type the loader supports, each recording that it ran.
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0
 // A program the verifier must refuse: it dereferences a map value without a NULL check.
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

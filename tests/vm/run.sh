@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # make vmtest: the test suite on a second kernel. Boots Debian's linux-image-amd64 (6.1 on Debian
 # 12) under QEMU with software emulation (virtme-ng, the host's root file system read-only) and
 # runs the tests inside, leaving out the ones marked slow (bulk transfers and 10,000-cycle churn

@@ -1,0 +1,26 @@
+# SPDX-License-Identifier: MIT
+"""The README's main command ends in evaluate.bench: it writes its tables and the two plots
+(matplotlib comes with `make`), with a number or '-' in every cell. Numbers are not judged here:
+performance is measured by the benchmark, not asserted by tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_writes_tables_and_plots(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "evaluate.bench", "--quick", "--reps", "1", "--only", "latency",
+                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for plot in ("latency.png", "ratio.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    table = (tmp_path / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| RTT")]
+    assert rows and not any("nan" in row.lower() for row in rows)
+    assert json.loads((tmp_path / "results.json").read_text())
