@@ -1,15 +1,25 @@
 # SPDX-License-Identifier: MIT
 """The `netbpf` console command that `make` installs, beside `python -m netbpf.TOOL`."""
 
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
 
+def console_command():
+    """The `netbpf` script pip installed for this interpreter (its scripts directory may not be
+    on PATH: a VM, sudo)."""
+    path = shutil.which("netbpf", path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
+    assert path, "the netbpf command is not installed: run make"
+    return path
+
+
 def netbpf(*args, module=False):
-    command = [sys.executable, "-m", "netbpf"] if module else [shutil.which("netbpf") or "netbpf"]
+    command = [sys.executable, "-m", "netbpf"] if module else [console_command()]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
 
 
