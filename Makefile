@@ -19,7 +19,7 @@ ARCH    := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/' -e 's
 
 # build, then what the tests and the experiments drive (redis, perf)
 DEB_PACKAGES := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev pkg-config make gcc iproute2 \
-                python3-pip redis-server redis-tools iperf3 sockperf nginx wrk
+                python3-pip redis-server redis-tools iperf3 sockperf nginx wrk prometheus
 
 ifeq ($(V),1)
 Q :=
@@ -96,7 +96,7 @@ $(PKG_BPF)/libbpf.so.1: $(LIBBPF_DEP) | $(PKG_BPF)
 # Editable install for the machine's python, so `python3 -m netbpf.bypass` works anywhere.
 $(BUILD)/installed.stamp: pyproject.toml | $(BUILD)
 	$(call msg,PIP,netbpf (editable) for $(PYTHON))
-	$(Q)PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[test,plot]' $(if $(filter 1,$(V)),,>/dev/null)
+	$(Q)PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[test,plot,metrics]' $(if $(filter 1,$(V)),,>/dev/null)
 	$(Q)touch $@
 
 $(BUILD) $(BUILD)/tests $(PKG_BPF):

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import cgroup, features, tool
+from . import cgroup, features, metrics, tool
 from .errors import UsageError
 from .loader import open_pinned_link
 from .types import AttachType
@@ -214,6 +214,16 @@ class Bypass(tool.Attachment):
             maps["allowed_ports"][port] = 1
         refresh_host_addrs(maps["host_addrs"])
 
+    def settings(self):
+        return {"cgroup": str(self.cgroup), "scope": self.scope, "ports": sorted(self.ports),
+                "max_sockets": self.max_sockets, "queue_floor": self.queue_floor,
+                "allow_blocking_readers": self.allow_blocking_readers}
+
+    def feature_notes(self):
+        if self.links["sk_msg"].kind == "prog_attach":
+            return ["this kernel has no sockmap links (6.10+): sk_msg attaches with bpf_prog_attach"]
+        return []
+
     def _attach_links(self):
         progs, maps = self.obj.programs, self.obj.maps
         # splice readers are marked before the first socket can join
@@ -299,12 +309,14 @@ def start_agent(pin_dir):
 
 
 def agent_running(pid):
-    """Whether pid is a live netbpf bypass agent (not some other process that got the number)."""
+    """Whether pid is a live netbpf bypass agent: `agent`, or `serve` (not some other process
+    that got the number)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"netbpf.bypass" in cmdline and b"agent" in cmdline
+    bypass = b"netbpf.bypass" in cmdline or b"bypass" in cmdline
+    return bool(pid) and bypass and (b"agent" in cmdline or b"serve" in cmdline)
 
 
 def stop_agent(control, timeout=5.0):
@@ -355,12 +367,14 @@ def run_paced(step, stop):
         last = this
 
 
-def run_agent(pin_dir):
-    """The agent of a pinned bypass: run the join iterator until SIGTERM or the pins are gone."""
+def run_agent(pin_dir, stop=None):
+    """The agent of a pinned bypass: run the join iterator until `stop` (a threading.Event; by
+    default set by SIGTERM or SIGINT) is set or the pins are gone."""
     pin_dir = Path(pin_dir)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
     with Bypass.pinned_maps(pin_dir) as maps, open_pinned_link(pin_dir / "join") as join_link:
         control = maps["control"]
         control[0] = control[0]._replace(agent_pid=os.getpid())
@@ -370,8 +384,24 @@ def run_agent(pin_dir):
                 stop.set()
             return agent_step(join_link, maps, count_only)
 
-        run_paced(step, stop)
+        try:
+            run_paced(step, stop)
+        finally:
+            if (pin_dir / "join").exists():
+                control[0] = control[0]._replace(agent_pid=0)
     return 0
+
+
+def serve_agent(pin_dir, stop):
+    """What `serve` does while attached: be the agent, after stopping one that `attach` started
+    (a second agent would only repeat the work); another `serve` on the same pins is an error."""
+    with Bypass.pinned_maps(pin_dir) as maps:
+        pid = maps["control"][0].agent_pid
+        if pid and pid != os.getpid() and agent_running(pid):
+            if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                raise UsageError(f"another netbpf bypass serve (pid {pid}) runs the pins in {pin_dir}")
+            stop_agent(maps["control"])
+    run_agent(pin_dir, stop)
 
 
 def _by_reason(values):
@@ -404,14 +434,57 @@ def status(pin_dir=DEFAULT_PIN_DIR):
         mechanism = sk_msg.kind
         sk_msg.close()
         return {"attached": True, "detaching": bool(control.detaching),
-                "cgroup": tool.cgroup_path_of_id(config.cgroup_id), "pin_dir": str(pin_dir),
+                "cgroup": cgroup.path_of_id(config.cgroup_id), "pin_dir": str(pin_dir),
                 "scope": {v: k for k, v in SCOPES.items()}[config.scope],
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
                 "queue_floor": config.queue_floor, "allow_blocking_readers": bool(config.allow_blocking),
+                "max_sockets": maps["sock_map"].max_entries,
                 "agent": {"pid": control.agent_pid or None, "running": agent_running(control.agent_pid)},
                 "sk_msg_attach": mechanism, "kernel": features.summary(),
                 "spliced_services": sorted(maps["spliced_services"]),
                 "connections": connections(maps), **_stats(maps)}
+
+
+PASSED_REASONS = ("no_peer", "peer_unsafe", "unread_plain", "peer_full", "detaching")
+
+
+def metric_families(stats):
+    """The bypass's counters for netbpf.metrics (Prometheus names and types)."""
+    passed = {reason: stats[f"passed_{reason}"] for reason in PASSED_REASONS}
+    passed["redirect_failed"] = stats["redirect_failed"]
+
+    def every_reason(counts):  # zeros too: a rate needs the series before its first event
+        return {reason: counts.get(reason, 0) for reason in REASONS[1:]}
+
+    return [
+        metrics.gauge("netbpf_bypass_sockets", "Sockets in the sockhash now (their sends are redirected)",
+                      stats["sockets"]),
+        metrics.by_label(metrics.GAUGE, "netbpf_bypass_sockets_plain",
+                         "Open sockets of the cgroup kept on plain TCP now, by reason", "reason",
+                         every_reason(stats["plain_now"])),
+        metrics.counter("netbpf_bypass_connections_established_total",
+                        "TCP connections of the cgroup established", stats["established"]),
+        metrics.counter("netbpf_bypass_sockets_joined_total", "Sockets that joined the sockhash",
+                        stats["sockets_inserted"]),
+        metrics.by_label(metrics.COUNTER, "netbpf_bypass_sockets_left_total",
+                         "Sockets that left the sockhash after their redirected data was read, by reason",
+                         "reason", every_reason(stats["left_by_reason"])),
+        metrics.by_label(metrics.COUNTER, "netbpf_bypass_sockets_kept_plain_total",
+                         "Sockets kept on plain TCP, each counted once per reason", "reason",
+                         every_reason(stats["plain_by_reason"])),
+        metrics.counter("netbpf_bypass_insert_failures_total", "Sockets the sockhash refused",
+                        stats["insert_failed"]),
+        metrics.counter("netbpf_bypass_spliced_sockets_total", "Sockets read with splice or sendfile (kept plain)",
+                        stats["spliced"]),
+        metrics.counter("netbpf_bypass_redirected_messages_total", "Messages redirected into the peer socket",
+                        stats["redirected_msgs"]),
+        metrics.counter("netbpf_bypass_redirected_bytes_total", "Bytes redirected into the peer socket",
+                        stats["redirected_bytes"]),
+        metrics.by_label(metrics.COUNTER, "netbpf_bypass_passed_messages_total",
+                         "Messages of joined sockets that took the TCP path, by reason", "reason", passed),
+        metrics.counter("netbpf_bypass_passed_bytes_total", "Bytes of joined sockets that took the TCP path",
+                        stats["passed_bytes"]),
+    ]
 
 
 def _reasons_text(counts):
@@ -473,10 +546,12 @@ def build_parser(prog="python -m netbpf.bypass"):
     parser = tool.Parser(prog=prog,
                          description="Local TCP connections skip the TCP/IP stack (sockops + sk_msg).")
     parser.add_argument("command", nargs="?", default="run",
-                        choices=("run", "attach", "status", "detach", "agent"),
+                        choices=("run", "attach", "status", "detach", "serve", "agent"),
                         help="run (default): attach, join sockets and show live counters until Ctrl-C, "
                              "then detach; attach: attach, pin, and start a background agent; status: "
-                             "show a pinned bypass; detach: drain and remove it; agent: internal")
+                             "show a pinned bypass; detach: drain and remove it; serve: the service form "
+                             "(attach with pins or take over a previous instance's, be the agent, detach "
+                             "on SIGTERM); agent: internal")
     tool.common_arguments(parser, DEFAULT_PIN_DIR)
     parser.add_argument("--scope", choices=tuple(SCOPES), default="host",
                         help="which peers count as local: loopback, host (loopback and this host's "
@@ -505,26 +580,21 @@ def cli(argv=None, prog="python -m netbpf.bypass"):
     ports = tool.parse_ports(args.ports)
     prog = "bypass"
 
-    if args.command in ("detach", "agent"):
+    if args.timeout < 0:
+        raise UsageError(f"--timeout {args.timeout} is negative")
+    if args.command == "agent":
         tool.require_root()
-        pin_dir = tool.check_pin_dir(args.pin_dir)
-        if args.command == "agent":
-            return run_agent(pin_dir)
-        if args.timeout < 0:
-            raise UsageError(f"--timeout {args.timeout} is negative")
-        if not pin_dir.exists() or not any(pin_dir.iterdir()):
-            raise UsageError(f"{prog} is not attached (no pins in {pin_dir})")
-        remaining = Bypass.detach_pinned(pin_dir, args.timeout, args.force)
-        if remaining:
-            show_draining(prog, remaining, pinned=not args.force)
-            if not args.force:
-                return 1
-        print(f"{prog}: detached (removed {pin_dir})")
-        return 0
+        return run_agent(tool.check_pin_dir(args.pin_dir))
 
     def make(args):
         return Bypass(args.cgroup, args.scope, ports, args.max_sockets, args.queue_floor,
                       args.allow_blocking_readers, args.timeout)
+
+    def detach(pin_dir, args):
+        remaining = Bypass.detach_pinned(pin_dir, args.timeout, args.force)
+        if remaining:
+            show_draining(prog, remaining, pinned=not args.force)
+        return remaining and not args.force
 
     def after_attach(bypass, pin_dir):
         start_agent(pin_dir)
@@ -533,8 +603,8 @@ def cli(argv=None, prog="python -m netbpf.bypass"):
         if bypass.still_draining:
             show_draining(prog, bypass.still_draining, pinned=False)
 
-    return tool.run_command(args, Bypass, make, status, show_status, live_line,
-                            after_attach=after_attach, after_close=after_close)
+    return tool.run_command(args, tool.Commands(Bypass, make, status, show_status, live_line, metric_families,
+                                                detach, after_attach, after_close, serve_agent))
 
 
 def run_cli(argv, prog="python -m netbpf.bypass"):

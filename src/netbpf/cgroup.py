@@ -24,7 +24,8 @@ def cgroup2_root():
 
 
 def resolve(path=None):
-    """A cgroup directory given by the user: absolute, or relative to the cgroup v2 root."""
+    """A cgroup directory given by the user: absolute (below any cgroup v2 mount: a container
+    may see the host's tree mounted beside its own), or relative to the first cgroup v2 mount."""
     root = cgroup2_root()
     if path is None:
         return root
@@ -32,9 +33,27 @@ def resolve(path=None):
     if not path.is_absolute():
         path = root / path
     path = Path(os.path.normpath(path))
-    if not (path == root or root in path.parents) or not (path / "cgroup.procs").exists():
-        raise UsageError(f"{path} is not a cgroup v2 directory (cgroup v2 is mounted at {root})")
+    roots = [Path(mount) for mount in mounts.mount_points("cgroup2")]
+    if not any(path == r or r in path.parents for r in roots) or not (path / "cgroup.procs").exists():
+        raise UsageError(f"{path} is not a cgroup v2 directory (cgroup v2 is mounted at "
+                         f"{', '.join(map(str, roots))})")
     return path
+
+
+def path_of_id(cgroup_id):
+    """The cgroup directory whose inode is cgroup_id (below any cgroup v2 mount), or None."""
+    for root in mounts.mount_points("cgroup2"):
+        if os.stat(root).st_ino == cgroup_id:
+            return root
+        for dirpath, dirnames, _ in os.walk(root):
+            for name in dirnames:
+                full = os.path.join(dirpath, name)
+                try:
+                    if os.stat(full).st_ino == cgroup_id:
+                        return full
+                except FileNotFoundError:
+                    pass
+    return None
 
 
 def cgroup_id(path):

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import cgroup, features, tool
+from . import cgroup, features, metrics, tool
 from .errors import UsageError
 from .types import AttachType
 
@@ -85,6 +85,10 @@ class Multiport(tool.Attachment):
             finally:
                 os.close(fd)
 
+    def settings(self):
+        return {"cgroup": str(self.cgroup), "ports": self.ports, "allow_privileged": self.allow_privileged,
+                "mode": self.mode}
+
     def _attach_links(self):
         for name in self._programs():
             prog = self.obj.programs[name]
@@ -106,7 +110,7 @@ def _mappings(mappings_map):
         out.append({"virtual_port": m.virtual_port, "real_port": m.real_port,
                     "protocol": PROTOCOLS.get(m.protocol, str(m.protocol)),
                     "family": FAMILIES.get(m.family, str(m.family)), "pid": m.pid, "comm": m.comm,
-                    "cgroup": tool.cgroup_path_of_id(m.cgroup_id)})
+                    "cgroup": cgroup.path_of_id(m.cgroup_id)})
     return out
 
 
@@ -128,6 +132,30 @@ def status(pin_dir=DEFAULT_PIN_DIR):
                                                   "tracepoint": "syscall tracepoints + bpf_probe_write_user"}[mode],
                 "kernel": features.summary(), "allow_privileged": bool(maps[".rodata"][0].allow_privileged),
                 "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
+
+
+def metric_families(stats):
+    """multiport's counters for netbpf.metrics (Prometheus names and types)."""
+    live = {protocol: 0 for protocol in PROTOCOLS.values()}
+    for mapping in stats["mappings"]:
+        live[mapping["protocol"]] = live.get(mapping["protocol"], 0) + 1
+    refusals = {"privileged_port": stats["binds_privileged_refused"], "no_listener": stats["connects_no_listener"]}
+    return [
+        metrics.by_label(metrics.GAUGE, "netbpf_multiport_mappings",
+                         "Sockets bound to a virtual port now, each on its own real port", "protocol", live),
+        metrics.counter("netbpf_multiport_binds_remapped_total", "Binds to a virtual port given a free real port",
+                        stats["binds_remapped"]),
+        metrics.counter("netbpf_multiport_names_rewritten_total",
+                        "getsockname/getpeername/recvmsg results that show the virtual port", stats["names_rewritten"]),
+        metrics.counter("netbpf_multiport_connects_redirected_total",
+                        "Connects to a virtual port sent to one of its listeners", stats["connects_redirected"]),
+        metrics.counter("netbpf_multiport_datagrams_redirected_total",
+                        "Datagrams to a virtual port sent to one of its listeners", stats["datagrams_redirected"]),
+        metrics.by_label(metrics.COUNTER, "netbpf_multiport_refusals_total",
+                         "Binds left alone (a port below 1024 without --allow-privileged) and connects with "
+                         "no listener to send them to", "reason", refusals),
+        metrics.counter("netbpf_multiport_sockets_released_total", "Remapped sockets closed", stats["released"]),
+    ]
 
 
 def format_table(mappings):
@@ -187,9 +215,12 @@ def build_parser(prog="python -m netbpf.multiport"):
     parser = tool.Parser(prog=prog,
                          description="Many processes bind the same port; each gets a free real port and "
                                      "getsockname()/getpeername() show the port it asked for.")
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "attach", "status", "detach", "exec"),
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=("run", "attach", "status", "detach", "serve", "exec"),
                         help="run (default): attach, show the mappings until Ctrl-C, detach; attach: attach "
-                             "and pin; status; detach; exec --port P -- CMD: run CMD in its own cgroup")
+                             "and pin; status; detach; serve: the service form (attach with pins or take "
+                             "over a previous instance's, detach on SIGTERM); exec --port P -- CMD: run CMD "
+                             "in its own cgroup")
     tool.common_arguments(parser, DEFAULT_PIN_DIR)
     parser.add_argument("--port", action="append", metavar="P",
                         help="a virtual port to remap (repeatable; a range P-Q; 80,443)")
@@ -221,7 +252,12 @@ def cli(argv=None, prog="python -m netbpf.multiport"):
     def make(args):
         return Multiport(args.cgroup, ports, args.allow_privileged, args.mode)
 
-    return tool.run_command(args, Multiport, make, status, show_status, live_line)
+    def detach(pin_dir, args):
+        Multiport.detach_pinned(pin_dir)
+        return False
+
+    return tool.run_command(args, tool.Commands(Multiport, make, status, show_status, live_line, metric_families,
+                                                detach))
 
 
 def run_cli(argv, prog="python -m netbpf.multiport"):

@@ -4,15 +4,17 @@ the live loop, and the rule that bad input is one line on stderr and exit status
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from . import cgroup, mounts
+from . import cgroup, metrics, mounts
 from .errors import NetbpfError, ObjectFileError, UsageError
 from .loader import Map, open_pinned_link
 
@@ -31,6 +33,10 @@ def common_arguments(parser, default_pin_dir):
     parser.add_argument("--pin-dir", metavar="DIR", default=default_pin_dir,
                         help=f"bpffs directory for the pins of `attach` (default {default_pin_dir})")
     parser.add_argument("--json", action="store_true", help="status: print JSON")
+    parser.add_argument("--metrics-text", action="store_true",
+                        help="status: print the Prometheus metrics once, in the exposition format")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="run, serve: serve Prometheus metrics on ADDR:PORT (127.0.0.1:9464, :9464)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="S",
                         help="run: seconds between status lines (default 1)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show libbpf's messages")
@@ -100,26 +106,10 @@ def check_pin_dir(path):
     return path
 
 
-def cgroup_path_of_id(cgroup_id):
-    """The cgroup directory whose inode is cgroup_id, or None."""
-    root = cgroup.cgroup2_root()
-    if os.stat(root).st_ino == cgroup_id:
-        return str(root)
-    for dirpath, dirnames, _ in os.walk(root):
-        for name in dirnames:
-            full = os.path.join(dirpath, name)
-            try:
-                if os.stat(full).st_ino == cgroup_id:
-                    return full
-            except FileNotFoundError:
-                pass
-    return None
-
-
 def link_cgroup(path):
     """The cgroup a pinned cgroup link is attached to (from the kernel's link info)."""
     with open_pinned_link(path) as link:
-        return cgroup_path_of_id(link.info()["cgroup_id"])
+        return cgroup.path_of_id(link.info()["cgroup_id"])
 
 
 def pin_name(map_name):
@@ -255,6 +245,15 @@ class Attachment:
     def _load(self):
         self.obj.load()
 
+    def settings(self):
+        """What defines this attachment, under the keys `status` reports them: `serve` takes
+        over pins that hold the same."""
+        return {"cgroup": str(self.cgroup)}
+
+    def feature_notes(self):
+        """One line for each kernel feature the attachment had to do without."""
+        return []
+
     def _already_attached(self):
         """Whether this tool is attached to self.cgroup already (its MARKER program is there)."""
         attach_type, program = self.MARKER
@@ -322,6 +321,25 @@ class Attachment:
             close_all(maps.values())
 
     @classmethod
+    def pins_match_object(cls, pin_dir):
+        """Whether the pinned maps have the key and value sizes of this netbpf's object file (an
+        older or newer netbpf may have pinned other layouts)."""
+        from . import object_path
+        from .loader import Object
+
+        with Object(object_path(cls.NAME)) as obj:
+            for name in cls.MAPS:
+                try:
+                    pinned = Map.open_pinned(Path(pin_dir) / pin_name(name))
+                except NetbpfError:
+                    return False
+                with pinned:
+                    ours = obj.maps[name]
+                    if (pinned.key_codec.size, pinned.value_codec.size) != (ours.key_codec.size, ours.value_codec.size):
+                        return False
+        return True
+
+    @classmethod
     def is_pinned(cls, pin_dir):
         return (Path(pin_dir) / cls.PIN_CHECK).exists()
 
@@ -341,54 +359,143 @@ def close_all(items):
         item.close()
 
 
-def run_command(args, cls, make, status, show_status, live_line, after_attach=None, after_close=None):
-    """The verbs both tools share. cls: the Attachment subclass; make(args) -> an unattached
-    instance; status(pin_dir) -> dict; show_status(dict) prints it for people;
-    live_line(tool, stats, previous stats, seconds between) -> one status line;
-    after_attach(tool, pin_dir) runs once `attach` has pinned; after_close(tool) once `run`
-    has detached."""
+@dataclasses.dataclass
+class Commands:
+    """What a tool gives run_command(): its Attachment subclass; make(args) -> an unattached
+    instance; status(pin_dir) -> dict; show_status(dict) prints it for people; live_line(tool,
+    stats, previous stats, seconds between) -> one line; metric_families(stats) for
+    netbpf.metrics; detach(pin_dir, args) -> connections left draining (pins kept when any);
+    after_attach(tool, pin_dir) once `attach` has pinned; after_close(tool) once `run` has
+    detached; serve_loop(pin_dir, stop) what `serve` does while attached (default: wait)."""
+
+    cls: type
+    make: object
+    status: object
+    show_status: object
+    live_line: object
+    metric_families: object
+    detach: object
+    after_attach: object = None
+    after_close: object = None
+    serve_loop: object = None
+
+
+def run_command(args, commands):
+    """The verbs both tools share: status, detach, attach, run, serve."""
+    cls = commands.cls
     prog = cls.NAME
+    address = metrics.parse_address(args.metrics) if args.metrics else None
     require_root()
     pin_dir = check_pin_dir(args.pin_dir)
     if args.command == "status":
-        info = status(pin_dir)
-        if args.json:
+        info = commands.status(pin_dir)
+        if args.metrics_text:
+            if not info["attached"]:
+                raise UsageError(f"{prog} is not attached (no pins in {pin_dir})")
+            print(metrics.text(metrics.registry(lambda: (info["cgroup"], info), commands.metric_families)), end="")
+        elif args.json:
             print_json(info)
         elif not info["attached"]:
             print(f"{prog}: not attached (no pins in {pin_dir})")
         else:
-            show_status(info)
+            commands.show_status(info)
         return 0
     if args.command == "detach":
-        if not cls.detach_pinned(pin_dir):
+        if not pin_dir.exists() or not any(pin_dir.iterdir()):
             raise UsageError(f"{prog} is not attached (no pins in {pin_dir})")
+        if commands.detach(pin_dir, args):
+            return 1
         print(f"{prog}: detached (removed {pin_dir})")
         return 0
+    if args.command == "serve":
+        return serve(args, commands, pin_dir, address)
 
-    tool = make(args)
+    tool = commands.make(args)
     if args.command == "attach":
         if pin_dir.exists() and any(pin_dir.iterdir()):
             raise UsageError(f"{prog} is already attached with pins in {pin_dir} (detach it first)")
         with tool.attach():  # closing after pin() leaves the pinned attachment in place
             tool.pin(pin_dir)
-        if after_attach:
-            after_attach(tool, pin_dir)
+        if commands.after_attach:
+            commands.after_attach(tool, pin_dir)
         print(f"{prog}: attached to {tool.cgroup} (pins in {pin_dir})")
         return 0
 
-    with tool.attach():
+    # the metrics port first: when it is taken, nothing has been attached
+    with serving_metrics(address, lambda: (str(tool.cgroup), tool.stats()), commands), tool.attach():
         print(f"{prog}: attached to {tool.cgroup}; Ctrl-C to detach", flush=True)
         state = {"previous": None, "when": time.monotonic()}
 
         def step():
             now, stats = time.monotonic(), tool.stats()
             end = "\r" if sys.stdout.isatty() else "\n"
-            print(live_line(tool, stats, state["previous"], now - state["when"]), end=end, flush=True)
+            print(commands.live_line(tool, stats, state["previous"], now - state["when"]), end=end, flush=True)
             state["previous"], state["when"] = stats, now
 
         run_until_signalled(step, args.interval)
         print(f"\n{prog}: detaching", flush=True)
-    if after_close:
-        after_close(tool)
+    if commands.after_close:
+        commands.after_close(tool)
     print(f"{prog}: detached", flush=True)
     return 0
+
+
+def serving_metrics(address, read, commands):
+    """A context: metrics served on address while it lasts (nothing when address is None)."""
+    if address is None:
+        return contextlib.nullcontext()
+    return metrics.Server(metrics.registry(read, commands.metric_families), address)
+
+
+def serve(args, commands, pin_dir, address):
+    """The service form: attach with pins (see take_over_or_attach), serve metrics, be what the
+    tool runs while attached (commands.serve_loop), and on SIGTERM or SIGINT detach. One line per
+    change of state, none per message."""
+    prog = commands.cls.NAME
+
+    def say(text):
+        print(f"{prog}: {text}", flush=True)
+
+    def read():
+        info = commands.status(pin_dir)
+        if not info["attached"]:
+            raise NetbpfError(f"{prog} is not attached yet")
+        return info["cgroup"], info
+
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with serving_metrics(address, read, commands):  # the port first: when it is taken, nothing is attached
+            take_over_or_attach(commands, pin_dir, args, say)
+            if address:
+                say(f"metrics on http://{metrics.format_address(address)}/metrics")
+            (commands.serve_loop or (lambda pin_dir, stop: stop.wait()))(pin_dir, stop)
+            say("detaching")
+            if commands.detach(pin_dir, args):
+                return 1
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    say("detached")
+    return 0
+
+
+def take_over_or_attach(commands, pin_dir, args, say):
+    """Pins a previous instance left (it was killed, or stopped without detaching) are taken
+    over when they hold the same settings and layout, and replaced when not; without pins,
+    attach and pin."""
+    cls, wanted = commands.cls, commands.make(args)
+    if cls.is_pinned(pin_dir):
+        pinned = commands.status(pin_dir)
+        settings = wanted.settings()
+        if cls.pins_match_object(pin_dir) and settings == {key: pinned.get(key) for key in settings}:
+            say(f"taking over the attachment pinned in {pin_dir} (same settings)")
+            return
+        say(f"replacing the attachment pinned in {pin_dir} (other settings or another netbpf version)")
+        if commands.detach(pin_dir, args):
+            raise NetbpfError(f"the old attachment in {pin_dir} still drains: not replaced")
+    with wanted.attach():  # closing after pin() leaves the pinned attachment in place
+        wanted.pin(pin_dir)
+        for note in wanted.feature_notes():
+            say(note)
+    say(f"attached to {wanted.cgroup} (pins in {pin_dir})")
