@@ -5,6 +5,8 @@
 #   make test       run the test suite (root; loads programs into the running kernel)
 #   make evaluate   run the latency experiment and the benchmark driver
 #   make bench      pytest-benchmark: loader cycle, multiport bind+getsockname
+#   make vmtest     the tests on Debian's 6.1 kernel under QEMU (KERNEL=image: another kernel)
+#   make kernel     Debian's 6.1 with kernel/patches, for make vmtest KERNEL=...
 #   make clean      remove build output
 #   V=1             show the commands
 
@@ -30,7 +32,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: all deps check-tools test evaluate bench vmtest clean
+.PHONY: all deps check-tools test evaluate bench vmtest kernel clean
 
 # --- vendored libbpf (git submodule external/libbpf), used when its sources are present ---
 LIBBPF_SRC := external/libbpf/src
@@ -113,7 +115,11 @@ bench: all
 	$(PYTHON) -m pytest --benchmark-only tests/test_bench_loader.py tests/test_bench_multiport.py
 
 vmtest: all
-	tests/vm/run.sh
+	VM_KERNEL=$(KERNEL) tests/vm/run.sh
+
+# Debian's 6.1 source with kernel/patches, for `make vmtest KERNEL=...` (about half an hour)
+kernel:
+	kernel/build.sh
 
 clean:
 	rm -rf $(BUILD) $(PKG_BPF) $(EVAL_BINS)

@@ -67,10 +67,11 @@ def cg():
 
 @pytest.fixture
 def bypass(cg):
-    """The bypass attached to the test's cgroup, with its agent (tests/bypassutil.py)."""
+    """The bypass attached to the test's cgroup, with its agent (tests/bypassutil.py), keeping
+    blocking readers on plain TCP whatever the kernel (tests that let them join say so)."""
     from bypassutil import attached
 
-    with attached(cg) as attached_bypass:
+    with attached(cg, allow_blocking_readers=False) as attached_bypass:
         yield attached_bypass
 
 

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from netbpf import features
 from netbpf.bypass import Bypass
 
 from bypassutil import attached, joined, kept_plain, rounds
@@ -690,3 +691,11 @@ def test_a_closed_listener_leaves_the_listeners_map(bypass, cg):
     assert len(seen["ports"]) == 1  # still listening at that round
     bypass.tick()
     assert len(bypass.obj.maps["listeners"]) == 0
+
+
+def test_blocking_readers_join_by_default_only_where_the_kernel_reads_them_as_tcp(cg):
+    """The default follows the probe (kernel/patches make it true); the flag overrides it."""
+    with attached(cg) as default:
+        assert default.obj.rodata.allow_blocking == int(features.blocking_reads_like_tcp())
+    with attached(cg, allow_blocking_readers=True) as allowed:
+        assert allowed.obj.rodata.allow_blocking == 1

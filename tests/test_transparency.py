@@ -26,6 +26,8 @@ import time
 
 import pytest
 
+from netbpf import features
+
 from bypassutil import attached, joined, kept_plain, rounds
 from conftest import child_cgroup, run_in, sync, wait_for
 from netutil import PATTERN, close_all, joinable_pair, pair, recv_all, recv_exactly
@@ -174,8 +176,8 @@ KERNEL_EAGAIN = ("kernel: tcp_bpf_recvmsg() turns an interrupted or data-less wa
                  "readers plain unless --allow-blocking-readers")
 
 
-@pytest.mark.xfail(reason=KERNEL_EAGAIN, strict=False)
-@pytest.mark.parametrize("name", ["signal, SA_RESTART", "stop and continue"])
+@pytest.mark.xfail(not features.blocking_reads_like_tcp(), reason=KERNEL_EAGAIN, strict=False)
+@pytest.mark.parametrize("name", INTERRUPTIONS)
 def test_blocking_recv_interrupted_with_blocking_readers_allowed(plain_cg, cg, name):
     act, restart = INTERRUPTIONS[name]
     with attached(cg, allow_blocking_readers=True) as bypass:
@@ -204,7 +206,8 @@ def test_msg_waitall(plain_cg, cg, bypass):
     assert conform(plain_cg, cg, bypass, msg_waitall, expect={"blocking": 2}) == (12, None, b"012345abcdef")
 
 
-@pytest.mark.xfail(reason="kernel: tcp_bpf_recvmsg() returns what the redirected queue holds and ignores "
+@pytest.mark.xfail(not features.blocking_reads_like_tcp(),
+                   reason="kernel: tcp_bpf_recvmsg() returns what the redirected queue holds and ignores "
                           "MSG_WAITALL (net/ipv4/tcp_bpf.c); netbpf keeps blocking readers plain unless "
                           "--allow-blocking-readers", strict=False)
 def test_msg_waitall_with_blocking_readers_allowed(plain_cg, cg):
@@ -585,7 +588,8 @@ def close_with_unread_data():
     return outcomes
 
 
-@pytest.mark.xfail(reason="kernel: tcp_close() counts only sk_receive_queue as unread; data redirected to "
+@pytest.mark.xfail(not features.close_resets_like_tcp(),
+                   reason="kernel: tcp_close() counts only sk_receive_queue as unread; data redirected to "
                           "a socket's psock is dropped silently, so the close sends FIN where TCP sends RST "
                           "(net/ipv4/tcp.c, net/core/skmsg.c)", strict=False)
 def test_close_with_unread_data_resets(plain_cg, cg, bypass):

@@ -16,6 +16,7 @@ process that outlives the command.
 CLI: python -m netbpf.bypass [run|attach|status|detach] [--cgroup DIR] [--scope S] [--ports P] ...
 """
 
+import argparse
 import ipaddress
 import json
 import os
@@ -177,7 +178,7 @@ class Bypass(tool.Attachment):
     PIN_CHECK = "join"
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,
-                 queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=False, drain_timeout=DRAIN_TIMEOUT,
+                 queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=None, drain_timeout=DRAIN_TIMEOUT,
                  sk_msg_link=None):
         if scope not in SCOPES:
             raise UsageError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
@@ -190,7 +191,10 @@ class Bypass(tool.Attachment):
         super().__init__(cgroup_dir)
         self.scope, self.ports = scope, list(ports)
         self.max_sockets, self.queue_floor = max_sockets, queue_floor
-        self.allow_blocking_readers = allow_blocking_readers
+        # by default blocking readers join where the kernel reads them as TCP does (kernel/patches)
+        if allow_blocking_readers is None:
+            allow_blocking_readers = features.blocking_reads_like_tcp()
+        self.allow_blocking_readers = bool(allow_blocking_readers)
         self.drain_timeout = drain_timeout
         self.sk_msg_link = sk_msg_link
         self.pinned = False
@@ -508,7 +512,9 @@ def show_status(info):
           f"sk_msg via {info['sk_msg_attach']})")
     agent = info["agent"]
     print(f"  agent pid {agent['pid']}: {'running' if agent['running'] else 'NOT RUNNING: nothing joins'}")
-    if info["allow_blocking_readers"]:
+    if info["allow_blocking_readers"] and info["kernel"]["blocking_reads_like_tcp"]:
+        print("  blocking readers join: this kernel reads sockets in a sockmap as TCP does (probed)")
+    elif info["allow_blocking_readers"]:
         print("  blocking readers allowed (--allow-blocking-readers): they may see EAGAIN and short "
               "MSG_WAITALL reads")
     print(f"  sockets in the map {info['sockets']}; kept plain now: {_reasons_text(info['plain_now'])}")
@@ -563,10 +569,11 @@ def build_parser(prog="python -m netbpf.bypass"):
     parser.add_argument("--queue-floor", type=int, default=DEFAULT_QUEUE_FLOOR, metavar="BYTES",
                         help="bytes a receiver may have queued before sends fall back to TCP, at least "
                              "(the receiver's SO_RCVBUF when larger; default 1048576)")
-    parser.add_argument("--allow-blocking-readers", action="store_true",
-                        help="also bypass sockets read with blocking calls, accepting the kernel's "
-                             "deviations for them: a blocking recv() fails with EAGAIN after a signal, "
-                             "stop/continue or a wake-up without data, and MSG_WAITALL returns short")
+    parser.add_argument("--allow-blocking-readers", action=argparse.BooleanOptionalAction, default=None,
+                        help="also bypass sockets read with blocking calls. Default: only where the kernel "
+                             "reads them as TCP does (a probe; kernel/patches); elsewhere allowing them "
+                             "accepts the kernel's deviations: a blocking recv() fails with EAGAIN after a "
+                             "signal, stop/continue or a wake-up without data, and MSG_WAITALL returns short")
     parser.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT, metavar="S",
                         help=f"detach: seconds to wait for readers to take redirected data (default {DRAIN_TIMEOUT:g})")
     parser.add_argument("--force", action="store_true",

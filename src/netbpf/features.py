@@ -3,10 +3,15 @@
 
 Each probe is cached; `summary()` is what the tools' `status` shows."""
 
+import contextlib
 import errno
 import functools
 import os
 import platform
+import socket
+import struct
+import threading
+import time
 from pathlib import Path
 
 from .errors import LibbpfError
@@ -78,6 +83,117 @@ def sockmap_link():
             os.close(sockhash)
 
 
+FUNC_MSG_REDIRECT_MAP, BPF_F_INGRESS, BPF_PSEUDO_MAP_FD = 60, 1, 1
+
+
+def _redirect_to_key_0(map_fd):
+    """An sk_msg program: every message goes to the ingress of the socket at key 0 of map_fd."""
+    return [(0x18, 2 | BPF_PSEUDO_MAP_FD << 4, 0, map_fd), (0, 0, 0, 0),  # r2 = the map (ld_imm64)
+            (0xB7, 3, 0, 0), (0xB7, 4, 0, BPF_F_INGRESS),                # r3 = key 0; r4 = BPF_F_INGRESS
+            (0x85, 0, 0, FUNC_MSG_REDIRECT_MAP), (0x95, 0, 0, 0)]        # call; exit with its verdict
+
+
+@contextlib.contextmanager
+def _redirecting_pair():
+    """(receiver, sender): a blocking loopback pair of this process in a SOCKMAP whose sk_msg
+    program redirects every send into the receiver. None when the kernel refuses a step."""
+    sockmap = lib.bpf_map_create(MapType.SOCKMAP, b"netbpf_probe", 4, 4, 2, ffi.NULL)
+    if sockmap < 0:
+        _refused(sockmap)
+        yield None
+        return
+    prog, pair = -1, []
+    try:
+        prog = _load(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, _redirect_to_key_0(sockmap))
+        attached = prog >= 0 and lib.bpf_prog_attach(prog, sockmap, AttachType.SK_MSG_VERDICT, 0) == 0
+        if not attached:
+            _refused(prog)
+        pair = _loopback_pair() if attached else []
+        inserted = attached and all(
+            lib.bpf_map_update_elem(sockmap, ffi.new("uint32_t *", key), ffi.new("uint32_t *", sock.fileno()), 0) == 0
+            for key, sock in enumerate(pair))
+        yield pair if inserted else None
+    finally:
+        for sock in pair:
+            sock.close()
+        if prog >= 0:
+            lib.bpf_prog_detach2(prog, sockmap, AttachType.SK_MSG_VERDICT)
+            os.close(prog)
+        os.close(sockmap)
+
+
+@functools.lru_cache(maxsize=None)
+def blocking_reads_like_tcp():
+    """Whether a blocking reader of a socket in a sockmap sees TCP's behaviour (kernel/patches
+    0001: without it tcp_bpf_recvmsg() answers a wake-up without data with EAGAIN and ignores
+    MSG_WAITALL). The experiment: 6 bytes are redirected to the receiver, which blocks in a
+    12-byte recv(MSG_WAITALL); 6 more are redirected: TCP's answer is all 12."""
+    with _redirecting_pair() as pair:
+        if pair is None:
+            return False
+        receiver, sender = pair
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 2, 0))
+        sender.sendall(b"012345")
+        got, tid = [], []
+
+        def read():
+            tid.append(threading.get_native_id())
+            got.append(receiver.recv(12, socket.MSG_WAITALL))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        # an unfixed kernel answers with the 6 bytes at once; a fixed one blocks for the rest
+        deadline = time.monotonic() + 5
+        while not got and not _blocked_in_recv(tid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sender.sendall(b"abcdef")
+        reader.join()
+        return got == [b"012345abcdef"]
+
+
+@functools.lru_cache(maxsize=None)
+def close_resets_like_tcp():
+    """Whether closing a socket of a sockmap that holds redirected data it never read resets
+    the connection, as TCP does for unread data (kernel/patches 0002; without it the close
+    sends FIN and the peer's next send vanishes). The experiment: 6 bytes are redirected to
+    the receiver, which closes; the sender then reads a reset, or an end of stream."""
+    with _redirecting_pair() as pair:
+        if pair is None:
+            return False
+        receiver, sender = pair
+        sender.sendall(b"012345")  # queued at the receiver when sendall returns
+        receiver.close()
+        sender.settimeout(2)
+        try:
+            sender.recv(1)
+        except ConnectionResetError:
+            return True
+        except OSError:
+            return False
+        return False
+
+
+_SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
+
+
+def _blocked_in_recv(tid):
+    """Whether thread tid[0] of this process sleeps in recvfrom(2)."""
+    try:
+        return bool(tid) and open(f"/proc/self/task/{tid[0]}/syscall").read().split()[0] == str(_SYSCALL_RECVFROM)
+    except (OSError, IndexError):
+        return False
+
+
+def _loopback_pair():
+    """(server end, client end) of a TCP connection on 127.0.0.1, both blocking."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return [server, client]
+
+
 @functools.lru_cache(maxsize=None)
 def probe_write_user():
     """Whether tracing programs may call bpf_probe_write_user (refused under kernel lockdown)."""
@@ -95,4 +211,5 @@ def lockdown():
 def summary():
     return {"kernel": platform.release(), "lockdown": lockdown(), "sockmap_link": sockmap_link(),
             "cgroup_getsockname": cgroup_hook("getsockname4"), "cgroup_sock_release": cgroup_hook("sock_release"),
-            "probe_write_user": probe_write_user()}
+            "probe_write_user": probe_write_user(), "blocking_reads_like_tcp": blocking_reads_like_tcp(),
+            "close_resets_like_tcp": close_resets_like_tcp()}
