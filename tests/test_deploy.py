@@ -4,6 +4,7 @@ container image recipe, built where a container engine answers."""
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,13 +126,14 @@ def test_the_recipe_steps_build_a_package_that_runs_here(tmp_path):
                 copy = shutil.copytree if origin.is_dir() else shutil.copy
                 copy(origin, work / (source if dest == "./" else dest))
         elif "apt-get" not in argument:
-            command = argument.replace("/opt/netbpf", str(target))
+            # this interpreter: the image's python3 is Debian's, here python3 may be another one
+            command = argument.replace("/opt/netbpf", str(target)).replace("python3 -m pip", f"{sys.executable} -m pip")
             result = subprocess.run(["sh", "-c", command], cwd=work, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (target / "netbpf" / "bpf").glob("*.bpf.o")) == ["bypass.bpf.o", "multiport.bpf.o"]
     for package in ("python3-cffi", "python3-pyelftools", "python3-prometheus-client", "libbpf1"):
         assert package in final
     assert "clang" not in final and "gcc" not in final
-    run = subprocess.run([shutil.which("python3") or "python3", "-m", "netbpf", "--help"], capture_output=True,
-                         text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=60)
+    run = subprocess.run([sys.executable, "-m", "netbpf", "--help"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert run.returncode == 0 and "bypass" in run.stdout, run.stderr
