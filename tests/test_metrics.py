@@ -81,7 +81,7 @@ def send_through(size):
 
 def sockets_joined(port):
     def wait():
-        assert wait_for(lambda: scrape(port).get(("netbpf_bypass_sockets", ()), (0, 0))[1] >= 2, 30)
+        assert wait_for(lambda: scrape(port).get(("netbpf_bypass_sockets", ()), (0, 0))[1] >= 2, 60, 0.25)
 
     return wait
 

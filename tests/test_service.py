@@ -140,7 +140,7 @@ def test_bypass_service_survives_sigkill_and_restart_without_loss_or_a_second_at
 
         def joined():  # the two sockets in the map, as the metrics say (a new Python process
             # under emulation in the VM takes its time)
-            assert wait_for(lambda: scrape(port).get(("netbpf_bypass_sockets", ()), (0, 0))[1] == 2, 120)
+            assert wait_for(lambda: scrape(port).get(("netbpf_bypass_sockets", ()), (0, 0))[1] == 2, 120, 0.25)
 
         def killed():
             service.kill()

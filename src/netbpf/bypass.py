@@ -611,7 +611,8 @@ def cli(argv=None, prog="python -m netbpf.bypass"):
             show_draining(prog, bypass.still_draining, pinned=False)
 
     return tool.run_command(args, tool.Commands(Bypass, make, status, show_status, live_line, metric_families,
-                                                detach, after_attach, after_close, serve_agent))
+                                                detach, after_attach, after_close, serve_agent,
+                                                pinned_stats=_stats))
 
 
 def run_cli(argv, prog="python -m netbpf.bypass"):

@@ -257,7 +257,7 @@ def cli(argv=None, prog="python -m netbpf.multiport"):
         return False
 
     return tool.run_command(args, tool.Commands(Multiport, make, status, show_status, live_line, metric_families,
-                                                detach))
+                                                detach, pinned_stats=_stats))
 
 
 def run_cli(argv, prog="python -m netbpf.multiport"):

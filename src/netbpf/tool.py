@@ -364,7 +364,8 @@ class Commands:
     """What a tool gives run_command(): its Attachment subclass; make(args) -> an unattached
     instance; status(pin_dir) -> dict; show_status(dict) prints it for people; live_line(tool,
     stats, previous stats, seconds between) -> one line; metric_families(stats) for
-    netbpf.metrics; detach(pin_dir, args) -> connections left draining (pins kept when any);
+    netbpf.metrics; pinned_stats(pinned maps) -> the stats metric_families reads (what `serve`
+    scrapes: cheaper than status); detach(pin_dir, args) -> connections left draining (pins kept when any);
     after_attach(tool, pin_dir) once `attach` has pinned; after_close(tool) once `run` has
     detached; serve_loop(pin_dir, stop) what `serve` does while attached (default: wait)."""
 
@@ -378,6 +379,7 @@ class Commands:
     after_attach: object = None
     after_close: object = None
     serve_loop: object = None
+    pinned_stats: object = None
 
 
 def run_command(args, commands):
@@ -456,20 +458,24 @@ def serve(args, commands, pin_dir, address):
     def say(text):
         print(f"{prog}: {text}", flush=True)
 
+    pinned = {}  # the pinned maps while attached: a scrape reads them, no more
+
     def read():
-        info = commands.status(pin_dir)
-        if not info["attached"]:
+        if "maps" not in pinned:
             raise NetbpfError(f"{prog} is not attached yet")
-        return info["cgroup"], info
+        return pinned["cgroup"], commands.pinned_stats(pinned["maps"])
 
     stop = threading.Event()
     old = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with serving_metrics(address, read, commands):  # the port first: when it is taken, nothing is attached
             take_over_or_attach(commands, pin_dir, args, say)
-            if address:
-                say(f"metrics on http://{metrics.format_address(address)}/metrics")
-            (commands.serve_loop or (lambda pin_dir, stop: stop.wait()))(pin_dir, stop)
+            with commands.cls.pinned_maps(pin_dir) as maps:
+                pinned.update(maps=maps, cgroup=commands.status(pin_dir)["cgroup"])
+                if address:
+                    say(f"metrics on http://{metrics.format_address(address)}/metrics")
+                (commands.serve_loop or (lambda pin_dir, stop: stop.wait()))(pin_dir, stop)
+                pinned.clear()
             say("detaching")
             if commands.detach(pin_dir, args):
                 return 1
