@@ -2,12 +2,13 @@
 # SPDX-License-Identifier: MIT
 # make kernel: Debian's 6.1 kernel source (the linux-source-6.1 package) with kernel/patches
 # applied, built small for the VM: virtme-ng's minimal config plus kernel/config (BPF, BTF,
-# cgroups, sockmap, syscall tracepoints). Cached under build/kernel by the hash of the patches,
-# the config and this script; prints the path of the image (`make vmtest KERNEL=that path`).
+# cgroups, sockmap, syscall tracepoints). Cached under build/kernel by the hash of the patches
+# and the config; an interrupted build resumes in its source tree. Prints the path of the image
+# (`make vmtest KERNEL=that path`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${KERNEL_CACHE:-$PWD/build/kernel}
-key=$(cat kernel/patches/*.patch kernel/config kernel/build.sh | sha256sum | cut -c1-12)
+key=$(cat kernel/patches/*.patch kernel/config | sha256sum | cut -c1-12)
 image=$cache/bzImage-6.1-netbpf-$key
 if [ -f "$image" ]; then echo "$image"; exit 0; fi
 
@@ -27,24 +28,27 @@ fi
 command -v vng >/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 "$python" -m pip install -q virtme-ng >&2
 
 src=$cache/src-$key
-rm -rf "$src"
-mkdir -p "$src"
-tar xJf /usr/src/linux-source-6.1.tar.xz -C "$src" --strip-components=1
-for patch in kernel/patches/*.patch; do
-    patch -p1 -d "$src" --quiet < "$patch"
-    echo "applied $(basename "$patch")" >&2
-done
 start=$(date +%s)
-(
-    cd "$src"
-    vng --kconfig >&2
-    scripts/kconfig/merge_config.sh -m .config "$OLDPWD/kernel/config" >&2
-    make olddefconfig >&2
-    for option in $(grep -o '^CONFIG_[A-Z0-9_]*=y' "$OLDPWD/kernel/config" | cut -d= -f1); do
-        grep -q "^$option=y" .config || { echo "build.sh: $option did not stay on" >&2; exit 1; }
+if [ ! -f "$src/.netbpf-configured" ]; then  # else: resume an interrupted build
+    rm -rf "$src"
+    mkdir -p "$src"
+    tar xJf /usr/src/linux-source-6.1.tar.xz -C "$src" --strip-components=1
+    for patch in kernel/patches/*.patch; do
+        patch -p1 -d "$src" --quiet < "$patch"
+        echo "applied $(basename "$patch")" >&2
     done
-    make -j"$(nproc)" bzImage >&2
-)
+    (
+        cd "$src"
+        vng --kconfig >&2
+        scripts/kconfig/merge_config.sh -m .config "$OLDPWD/kernel/config" >&2
+        make olddefconfig >&2
+        for option in $(grep -o '^CONFIG_[A-Z0-9_]*=y' "$OLDPWD/kernel/config" | cut -d= -f1); do
+            grep -q "^$option=y" .config || { echo "build.sh: $option did not stay on" >&2; exit 1; }
+        done
+        touch .netbpf-configured
+    )
+fi
+make -C "$src" -j"$(nproc)" bzImage >&2
 cp "$src/arch/x86/boot/bzImage" "$image"
 echo "built $(basename "$image") in $(( $(date +%s) - start )) s" >&2
 rm -rf "$src"
