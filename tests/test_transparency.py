@@ -27,13 +27,13 @@ import time
 import pytest
 
 from netbpf import features
+from netbpf.features import blocked_in_recv
 
 from bypassutil import attached, joined, kept_plain, rounds
 from conftest import child_cgroup, run_in, sync, wait_for
 from netutil import PATTERN, close_all, joinable_pair, pair, recv_all, recv_exactly
 
 libc = ctypes.CDLL(None, use_errno=True)
-SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
 
 
 @pytest.fixture
@@ -82,15 +82,6 @@ def raw_recv(sock, size, flags=0):
     if ret < 0:
         return ret, errno.errorcode[ctypes.get_errno()], b""
     return ret, None, buf.raw[:ret]
-
-
-def blocked_in_recv(pid, tid=None):
-    """Whether thread tid of pid sleeps in recvfrom(2) (its /proc syscall file says so)."""
-    try:
-        fields = open(f"/proc/{pid}/task/{tid or pid}/syscall").read().split()
-    except OSError:
-        return False
-    return bool(fields) and fields[0] == str(SYSCALL_RECVFROM)
 
 
 def the_process_in(group):

@@ -144,7 +144,7 @@ def blocking_reads_like_tcp():
         reader.start()
         # an unfixed kernel answers with the 6 bytes at once; a fixed one blocks for the rest
         deadline = time.monotonic() + 5
-        while not got and not _blocked_in_recv(tid) and time.monotonic() < deadline:
+        while not got and not (tid and blocked_in_recv(os.getpid(), tid[0])) and time.monotonic() < deadline:
             time.sleep(0.005)
         sender.sendall(b"abcdef")
         reader.join()
@@ -173,15 +173,17 @@ def close_resets_like_tcp():
         return False
 
 
-_SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
+SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
 
 
-def _blocked_in_recv(tid):
-    """Whether thread tid[0] of this process sleeps in recvfrom(2)."""
+def blocked_in_recv(pid, tid=None):
+    """Whether thread tid (default: the main thread) of process pid sleeps in recvfrom(2), as
+    its /proc syscall file says."""
     try:
-        return bool(tid) and open(f"/proc/self/task/{tid[0]}/syscall").read().split()[0] == str(_SYSCALL_RECVFROM)
-    except (OSError, IndexError):
+        fields = open(f"/proc/{pid}/task/{tid or pid}/syscall").read().split()
+    except OSError:
         return False
+    return bool(fields) and fields[0] == str(SYSCALL_RECVFROM)
 
 
 def _loopback_pair():
