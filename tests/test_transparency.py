@@ -166,7 +166,7 @@ KERNEL_EAGAIN = ("kernel: tcp_bpf_recvmsg() turns an interrupted or data-less wa
                  "readers plain unless --allow-blocking-readers")
 
 
-@pytest.mark.xfail(not features.blocking_reads_like_tcp(), reason=KERNEL_EAGAIN, strict=False)
+@pytest.mark.xfail(not features.blocking_reads_like_tcp(), reason=KERNEL_EAGAIN, strict=True)
 @pytest.mark.parametrize("name", INTERRUPTIONS)
 def test_blocking_recv_interrupted_with_blocking_readers_allowed(plain_cg, cg, name):
     act, restart = INTERRUPTIONS[name]
@@ -199,7 +199,7 @@ def test_msg_waitall(plain_cg, cg, bypass):
 @pytest.mark.xfail(not features.blocking_reads_like_tcp(),
                    reason="kernel: tcp_bpf_recvmsg() returns what the redirected queue holds and ignores "
                           "MSG_WAITALL (net/ipv4/tcp_bpf.c); netbpf keeps blocking readers plain unless "
-                          "--allow-blocking-readers", strict=False)
+                          "--allow-blocking-readers", strict=True)
 def test_msg_waitall_with_blocking_readers_allowed(plain_cg, cg):
     with attached(cg, allow_blocking_readers=True) as bypass:
         conform(plain_cg, cg, bypass, msg_waitall, expect="redirected")
@@ -581,7 +581,7 @@ def close_with_unread_data():
 @pytest.mark.xfail(not features.close_resets_like_tcp(),
                    reason="kernel: tcp_close() counts only sk_receive_queue as unread; data redirected to "
                           "a socket's psock is dropped silently, so the close sends FIN where TCP sends RST "
-                          "(net/ipv4/tcp.c, net/core/skmsg.c)", strict=False)
+                          "(net/ipv4/tcp.c, net/core/skmsg.c)", strict=True)
 def test_close_with_unread_data_resets(plain_cg, cg, bypass):
     assert conform(plain_cg, cg, bypass, close_with_unread_data, expect="redirected")[0] == "ECONNRESET"
 
