@@ -173,6 +173,28 @@ def close_resets_like_tcp():
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def splice_reads_like_tcp():
+    """Whether splice(2) from a socket of a sockmap reads the data redirected to it, as it reads
+    TCP's (kernel/patches 0003; without it tcp_splice_read() looks only at the TCP receive queue
+    and finds nothing). The experiment: 6 bytes are redirected to the receiver, which splices
+    into a pipe without blocking: TCP's answer is the 6 bytes."""
+    with _redirecting_pair() as pair:
+        if pair is None:
+            return False
+        receiver, sender = pair
+        sender.sendall(b"012345")  # queued at the receiver when sendall returns
+        receiver.setblocking(False)
+        pipe_r, pipe_w = os.pipe()
+        try:
+            return os.splice(receiver.fileno(), pipe_w, 64) == 6 and os.read(pipe_r, 64) == b"012345"
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(pipe_r)
+            os.close(pipe_w)
+
+
 SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
 
 
@@ -214,4 +236,4 @@ def summary():
     return {"kernel": platform.release(), "lockdown": lockdown(), "sockmap_link": sockmap_link(),
             "cgroup_getsockname": cgroup_hook("getsockname4"), "cgroup_sock_release": cgroup_hook("sock_release"),
             "probe_write_user": probe_write_user(), "blocking_reads_like_tcp": blocking_reads_like_tcp(),
-            "close_resets_like_tcp": close_resets_like_tcp()}
+            "close_resets_like_tcp": close_resets_like_tcp(), "splice_reads_like_tcp": splice_reads_like_tcp()}
