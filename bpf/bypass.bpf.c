@@ -23,6 +23,7 @@
  *   sk_msg        on every send of a socket in the map, moves the message straight into the
  *                 peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that is safe,
  *                 and otherwise lets it take the normal TCP path. It is safe when
+ *                   - the sender has not shut its sending side down (TCP: EPIPE);
  *                   - the peer is JOINED, and has not spliced nor set SO_RCVLOWAT since;
  *                   - the peer has read everything we ever sent the TCP way (our write_seq ==
  *                     its copied_seq): the receiver drains redirected data before its TCP queue;
@@ -617,7 +618,13 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		return pass(cnt, &cnt->passed_peer_unsafe, size);
 
 	self = bpf_skc_to_tcp_sock(msg->sk);
-	if (!self || self->write_seq != BPF_CORE_READ((struct tcp_sock *)psk, copied_seq))
+	if (!self)
+		return pass(cnt, &cnt->passed_no_peer, size);
+	/* After shutdown(SHUT_WR) TCP fails the send with EPIPE, and the kernel's redirect would
+	 * deliver it (past the end of the stream once the peer has read the FIN). */
+	if (self->inet_conn.icsk_inet.sk.sk_shutdown & SEND_SHUTDOWN)
+		return pass(cnt, &cnt->passed_shut_down, size);
+	if (self->write_seq != BPF_CORE_READ((struct tcp_sock *)psk, copied_seq))
 		return pass(cnt, &cnt->passed_unread_plain, size);
 
 	rmem = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);

@@ -105,6 +105,7 @@ struct bypass_counters {
 	__u64 passed_unread_plain;  /* the peer has not read all data that went the TCP way: order */
 	__u64 passed_peer_full;     /* the peer's receive queue is over its limit: memory bound */
 	__u64 passed_detaching;     /* detach in progress */
+	__u64 passed_shut_down;     /* the sender shut its sending side down: TCP's EPIPE */
 	__u64 redirect_failed;      /* peer left the map between the check and the redirect */
 };
 

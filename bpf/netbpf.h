@@ -10,6 +10,8 @@
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
 
+#define SEND_SHUTDOWN 2
+
 #define NETBPF_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 #endif

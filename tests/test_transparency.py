@@ -297,6 +297,28 @@ def test_half_close(plain_cg, cg, bypass):
         (b"request", b"response after the peer's FIN")
 
 
+def send_after_shutdown():
+    """The client shuts its sending side down; the server reads to the end of the stream; the
+    client sends again: TCP refuses with EPIPE, and the server reads the end of the stream again."""
+    srv, cli, conn = joinable_pair()
+    cli.sendall(b"request")
+    cli.shutdown(socket.SHUT_WR)
+    got = recv_all(conn)
+    try:
+        late = cli.send(b"late", socket.MSG_NOSIGNAL)
+    except OSError as exc:
+        late = errno.errorcode[exc.errno]
+    wait_readable(conn, 0.2)
+    after = recv_all(conn)
+    close_all(srv, cli, conn)
+    return got, late, after
+
+
+def test_send_after_shutdown(plain_cg, cg, bypass):
+    assert conform(plain_cg, cg, bypass, send_after_shutdown, expect="redirected") == (b"request", "EPIPE", b"")
+    assert bypass.stats()["passed_shut_down"] == 1
+
+
 def readiness(mechanism, sizes=(1, 100, 4096, 65536, 200000)):
     """For each message: is the receiver reported readable after the send, how much does it
     read until EAGAIN, and is it reported readable again after that (it must not be)."""

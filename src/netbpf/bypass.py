@@ -449,7 +449,7 @@ def status(pin_dir=DEFAULT_PIN_DIR):
                 "connections": connections(maps), **_stats(maps)}
 
 
-PASSED_REASONS = ("no_peer", "peer_unsafe", "unread_plain", "peer_full", "detaching")
+PASSED_REASONS = ("no_peer", "peer_unsafe", "unread_plain", "peer_full", "detaching", "shut_down")
 
 
 def metric_families(stats):
@@ -523,7 +523,7 @@ def show_status(info):
     print(f"  redirected {info['redirected_msgs']} messages ({info['redirected_bytes']} bytes); "
           f"passed {info['passed_msgs']} ({info['passed_no_peer']} no peer, "
           f"{info['passed_peer_unsafe']} peer unsafe, {info['passed_unread_plain']} unread TCP data, "
-          f"{info['passed_peer_full']} peer full)")
+          f"{info['passed_peer_full']} peer full, {info['passed_shut_down']} after shutdown)")
     for conn in info["connections"]:
         owner = f"{conn['comm']}[{conn['pid']}]" if conn["pid"] else "?"
         print(f"  {conn['local']:>22} -> {conn['remote']:<22} {conn['state']:8} "

@@ -8,6 +8,7 @@ import errno
 import functools
 import os
 import platform
+import select
 import socket
 import struct
 import threading
@@ -154,23 +155,24 @@ def blocking_reads_like_tcp():
 @functools.lru_cache(maxsize=None)
 def close_resets_like_tcp():
     """Whether closing a socket of a sockmap that holds redirected data it never read resets
-    the connection, as TCP does for unread data (kernel/patches 0002; without it the close
-    sends FIN and the peer's next send vanishes). The experiment: 6 bytes are redirected to
-    the receiver, which closes; the sender then reads a reset, or an end of stream."""
+    the connection, and the peer's sends then fail as on TCP (kernel/patches 0002 and 0004;
+    without them the close sends FIN, the peer's next send vanishes, and a send fails with the
+    same error ever after). The experiment: 6 bytes are redirected to the receiver, which
+    closes; the sender sends twice: TCP answers ECONNRESET, then EPIPE."""
     with _redirecting_pair() as pair:
         if pair is None:
             return False
         receiver, sender = pair
         sender.sendall(b"012345")  # queued at the receiver when sendall returns
         receiver.close()
-        sender.settimeout(2)
-        try:
-            sender.recv(1)
-        except ConnectionResetError:
-            return True
-        except OSError:
-            return False
-        return False
+        select.select([sender], [], [], 2)  # the reset, or the end of the stream, has arrived
+        outcomes = []
+        for _ in range(2):
+            try:
+                outcomes.append(sender.send(b"x", socket.MSG_NOSIGNAL))
+            except OSError as exc:
+                outcomes.append(exc.errno)
+        return outcomes == [errno.ECONNRESET, errno.EPIPE]
 
 
 @functools.lru_cache(maxsize=None)
