@@ -316,7 +316,8 @@ def send_after_shutdown():
 
 def test_send_after_shutdown(plain_cg, cg, bypass):
     assert conform(plain_cg, cg, bypass, send_after_shutdown, expect="redirected") == (b"request", "EPIPE", b"")
-    assert bypass.stats()["passed_shut_down"] == 1
+    # netbpf's sk_msg passed the late send to TCP, unless the kernel refused it before the program ran
+    assert bypass.stats()["passed_shut_down"] == (0 if features.send_after_shutdown_refused() else 1)
 
 
 def readiness(mechanism, sizes=(1, 100, 4096, 65536, 200000)):
@@ -441,7 +442,9 @@ def splice_reader(recv_first, blocking, total=200000):
         cli.sendall(b"head:")
         head = recv_exactly(conn, 5)
     sync()
-    sender = threading.Thread(target=lambda: (cli.sendall(PATTERN[:total]), cli.shutdown(socket.SHUT_WR)))
+    first = 4096  # sent before the first splice: redirected where the pair has joined by now
+    cli.sendall(PATTERN[:first])
+    sender = threading.Thread(target=lambda: (cli.sendall(PATTERN[first:total]), cli.shutdown(socket.SHUT_WR)))
     sender.start()
     got = splice_all(conn, total)
     sender.join()

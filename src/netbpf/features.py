@@ -176,6 +176,23 @@ def close_resets_like_tcp():
 
 
 @functools.lru_cache(maxsize=None)
+def send_after_shutdown_refused():
+    """Whether the kernel itself refuses a send on a socket of a sockmap whose sending side is
+    shut down, as TCP does with EPIPE (kernel/patches 0004; without it the sk_msg program runs
+    and a redirect delivers the data: netbpf's program passes such sends to TCP)."""
+    with _redirecting_pair() as pair:
+        if pair is None:
+            return False
+        receiver, sender = pair
+        sender.shutdown(socket.SHUT_WR)
+        try:
+            sender.send(b"x", socket.MSG_NOSIGNAL)
+        except BrokenPipeError:
+            return True
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def splice_reads_like_tcp():
     """Whether splice(2) from a socket of a sockmap reads the data redirected to it, as it reads
     TCP's (kernel/patches 0003; without it tcp_splice_read() looks only at the TCP receive queue
@@ -238,4 +255,5 @@ def summary():
     return {"kernel": platform.release(), "lockdown": lockdown(), "sockmap_link": sockmap_link(),
             "cgroup_getsockname": cgroup_hook("getsockname4"), "cgroup_sock_release": cgroup_hook("sock_release"),
             "probe_write_user": probe_write_user(), "blocking_reads_like_tcp": blocking_reads_like_tcp(),
-            "close_resets_like_tcp": close_resets_like_tcp(), "splice_reads_like_tcp": splice_reads_like_tcp()}
+            "close_resets_like_tcp": close_resets_like_tcp(), "splice_reads_like_tcp": splice_reads_like_tcp(),
+            "send_after_shutdown_refused": send_after_shutdown_refused()}
