@@ -51,6 +51,14 @@ ffi.cdef(
     struct bpf_link *bpf_program__attach_iter(const struct bpf_program *prog,
                                               const struct bpf_iter_attach_opts *opts);
     int bpf_iter_create(int link_fd);
+    /* netlink tc (kernels without tcx links); `size_t :0` of libbpf.h made explicit */
+    struct bpf_tc_hook { size_t sz; int ifindex; int attach_point; uint32_t parent; uint32_t _pad; };
+    struct bpf_tc_opts { size_t sz; int prog_fd; uint32_t flags; uint32_t prog_id; uint32_t handle;
+                         uint32_t priority; uint32_t _pad; };
+    int bpf_tc_hook_create(struct bpf_tc_hook *hook);
+    int bpf_tc_hook_destroy(struct bpf_tc_hook *hook);
+    int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+    int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
 
     const char *bpf_map__name(const struct bpf_map *map);
     int bpf_map__fd(const struct bpf_map *map);

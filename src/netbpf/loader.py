@@ -31,7 +31,7 @@ from .errors import LibbpfError, ObjectFileError, VerifierError, check, check_pt
 from .libbpf import ffi, has, lib, libc
 from .mounts import ensure_tracefs
 from .types import (BATCH_MAP_TYPES, CGROUP_PROG_TYPES, PERCPU_MAP_TYPES, AttachType, LinkType, MapType,
-                    ProgType, UpdateFlags, named)
+                    ProgType, TcAttachPoint, UpdateFlags, named)
 
 ANY, NOEXIST, EXIST = UpdateFlags.ANY, UpdateFlags.NOEXIST, UpdateFlags.EXIST
 NOT_SUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's internal ENOTSUPP
@@ -191,8 +191,8 @@ class Object:
             return None
         verifier_log = ffi.string(log_buf).decode(errors="replace")
         failed = [m.group(1) for w in warnings for m in [re.search(r"prog '([^']+)': .*(fail|error)", w)] if m]
-        if verifier_log and failed:
-            return VerifierError(failed[0], err, verifier_log)
+        if failed:  # the log is empty when the kernel refused the program before verifying it
+            return VerifierError(failed[0], err, verifier_log or "\n".join(warnings))
         reason = warnings[-1].strip() if warnings else ""
         return LibbpfError(f"load BPF object {self.name}" + (f" ({reason})" if reason else ""),
                            err, "\n".join(warnings))
@@ -386,6 +386,19 @@ class Program:
         check_ptr(ptr, f"attach iterator {self.name}")
         return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
 
+    def attach_tc(self, ifindex, use_tcx=None):
+        """Attach a tc program (SEC("tc")) to the ingress of network device `ifindex` of this
+        thread's network namespace, after the programs already there. A tcx bpf_link where the
+        kernel has them (6.6+); else a netlink tc filter on the device's clsact qdisc, behind the
+        same interface (TcFilter). use_tcx=True/False forces one kind."""
+        if use_tcx is not False:
+            fd = lib.bpf_link_create(self.fd, ifindex, AttachType.TCX_INGRESS, ffi.NULL)
+            if fd >= 0:
+                return self._track(Link(fd, self.name))
+            if use_tcx or -fd not in NOT_SUPPORTED:
+                raise LibbpfError(f"attach {self.name} to the ingress of device {ifindex} with a tcx link", fd)
+        return self._track(TcFilter.attach(self.fd, ifindex, self.name))
+
     def attach_tracepoint(self, category=None, name=None):
         """Attach to a tracepoint; by default the one in the section name (tracepoint/CAT/NAME)."""
         if category is None:
@@ -551,8 +564,113 @@ class ProgAttachment(Link):
             os.close(target_fd)
 
 
+def _tc_hook(ifindex):
+    return ffi.new("struct bpf_tc_hook *", {"sz": ffi.sizeof("struct bpf_tc_hook"), "ifindex": ifindex,
+                                            "attach_point": TcAttachPoint.INGRESS})
+
+
+def _tc_filters_on(ifindex):
+    """How many tc filters the device has on its clsact qdisc, ingress and egress (iproute2's view)."""
+    import json
+    import socket
+    import subprocess
+
+    name = socket.if_indextoname(ifindex)
+    count = 0
+    for direction in ("ingress", "egress"):
+        out = subprocess.run(["tc", "-j", "filter", "show", "dev", name, direction],
+                             capture_output=True, text=True).stdout
+        count += len(json.loads(out or "[]"))
+    return count
+
+
+class TcFilter(Link):
+    """A netlink tc filter behind the Link interface (kernels without tcx links, before 6.6).
+    close() removes the filter unless pinned, and the clsact qdisc too when attach() made it and
+    nothing else uses it. Pinned as a bpffs directory holding the program ('prog') and a symlink
+    ('filter') whose target names the filter: "IFINDEX HANDLE PRIORITY MADE_QDISC"."""
+
+    kind = "tc_filter"
+
+    def __init__(self, prog_fd, ifindex, handle, priority, made_qdisc, program="?", pin_path=None):
+        super().__init__(os.dup(prog_fd), program, pin_path=pin_path)
+        self.ifindex, self.handle, self.priority, self.made_qdisc = ifindex, handle, priority, made_qdisc
+
+    @classmethod
+    def attach(cls, prog_fd, ifindex, program="?"):
+        hook = _tc_hook(ifindex)
+        made = lib.bpf_tc_hook_create(hook)
+        if made < 0 and -made != errno.EEXIST:
+            raise LibbpfError(f"add a clsact qdisc to device {ifindex}", made)
+        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "prog_fd": prog_fd})
+        ret = lib.bpf_tc_attach(hook, opts)
+        if ret < 0:
+            if made == 0:
+                lib.bpf_tc_hook_destroy(_tc_hook_both(ifindex))
+            raise LibbpfError(f"attach {program} to the ingress of device {ifindex} with a tc filter", ret)
+        return cls(prog_fd, ifindex, opts.handle, opts.priority, made == 0, program)
+
+    def info(self):
+        return {"id": None, "type": "tc_filter", "prog_id": _obj_info(self.fd, "bpf_prog_info").id,
+                "ifindex": self.ifindex, "handle": self.handle, "priority": self.priority}
+
+    def _remove(self):
+        opts = ffi.new("struct bpf_tc_opts *", {"sz": ffi.sizeof("struct bpf_tc_opts"), "handle": self.handle,
+                                                "priority": self.priority})
+        ret = lib.bpf_tc_detach(_tc_hook(self.ifindex), opts)
+        if ret < 0 and -ret != errno.ENOENT:
+            raise LibbpfError(f"remove the tc filter of {self.program}", ret)
+        if self.made_qdisc and _tc_filters_on(self.ifindex) == 0:
+            lib.bpf_tc_hook_destroy(_tc_hook_both(self.ifindex))
+
+    def pin(self, path):
+        os.mkdir(path)
+        try:
+            check(lib.bpf_obj_pin(self.fd, f"{path}/prog".encode()), f"pin program {self.program}")
+            os.symlink(f"{self.ifindex} {self.handle} {self.priority} {int(self.made_qdisc)}", f"{path}/filter")
+        except (LibbpfError, OSError):
+            _remove_pin_dir(path)
+            raise
+        self.pin_path = str(path)
+
+    def unpin(self):
+        if self.pin_path:
+            _remove_pin_dir(self.pin_path)
+            self.pin_path = None
+
+    def close(self):
+        if self._fd is None:
+            return
+        if not self.pin_path:
+            self._remove()
+        os.close(self._fd)
+        self._fd = None
+
+    def detach(self):
+        self._remove()
+        self.unpin()
+        self.close()
+
+    @classmethod
+    def _open_pinned(cls, path):
+        ifindex, handle, priority, made = (int(word) for word in os.readlink(f"{path}/filter").split())
+        prog_fd = _bpf_obj_get(f"{path}/prog")
+        try:
+            name = ffi.string(_obj_info(prog_fd, "bpf_prog_info").name).decode()
+            return cls(prog_fd, ifindex, handle, priority, bool(made), name, pin_path=str(path))
+        finally:
+            os.close(prog_fd)
+
+
+def _tc_hook_both(ifindex):
+    """The whole clsact qdisc: destroying this hook removes the qdisc."""
+    hook = _tc_hook(ifindex)
+    hook.attach_point = TcAttachPoint.INGRESS | TcAttachPoint.EGRESS
+    return hook
+
+
 def _remove_pin_dir(path):
-    for entry in ("prog", "target"):
+    for entry in ("prog", "target", "filter"):
         try:
             os.unlink(f"{path}/{entry}")
         except FileNotFoundError:
@@ -581,13 +699,15 @@ def loaded_programs():
 
 
 def open_pinned_link(path):
-    """Reopen a pinned Link (or pinned ProgAttachment directory) so that it can be detached."""
+    """Reopen a pinned Link (or pinned ProgAttachment or TcFilter directory) so that it can be
+    detached."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise LibbpfError(f"open pinned link {path}", errno.ENOENT) from None
     if stat.S_ISDIR(mode):
-        return ProgAttachment._open_pinned(path)
+        kind = TcFilter if os.path.lexists(f"{path}/filter") else ProgAttachment
+        return kind._open_pinned(path)
     fd = _bpf_obj_get(path)
     info = _obj_info(fd, "bpf_link_info")
     prog = lib.bpf_prog_get_fd_by_id(info.prog_id)

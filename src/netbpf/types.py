@@ -137,6 +137,12 @@ class AttachType(enum.IntEnum):
     SK_REUSEPORT_SELECT = 39
     SK_REUSEPORT_SELECT_OR_MIGRATE = 40
     PERF_EVENT = 41
+    TRACE_KPROBE_MULTI = 42
+    LSM_CGROUP = 43
+    STRUCT_OPS = 44
+    NETFILTER = 45
+    TCX_INGRESS = 46
+    TCX_EGRESS = 47
 
 
 class LinkType(enum.IntEnum):
@@ -155,6 +161,12 @@ class LinkType(enum.IntEnum):
     UPROBE_MULTI = 12
     NETKIT = 13
     SOCKMAP = 14
+
+
+class TcAttachPoint(enum.IntEnum):
+    """Where a netlink tc filter goes (libbpf's enum bpf_tc_attach_point)."""
+    INGRESS = 1
+    EGRESS = 2
 
 
 class UpdateFlags(enum.IntEnum):
