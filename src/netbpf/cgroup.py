@@ -70,6 +70,17 @@ def cgroup_of(pid):
     raise UsageError(f"process {pid} is in no cgroup v2")
 
 
+def pids_below(path):
+    """Every process in the cgroup v2 directory `path` and in the cgroups below it."""
+    pids = []
+    for directory, _, _ in os.walk(path):
+        try:
+            pids += [int(p) for p in Path(directory, "cgroup.procs").read_text().split()]
+        except OSError:  # removed meanwhile
+            continue
+    return pids
+
+
 class Cgroup:
     """A child cgroup that we create and remove.
 

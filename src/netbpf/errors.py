@@ -24,6 +24,11 @@ class UsageError(NetbpfError):
     """Bad input from the user: the CLI prints it in one line and exits 2."""
 
 
+class MissingFeatureError(UsageError):
+    """The running kernel lacks (or its verifier refuses) every way to do a job the tool needs:
+    one line and exit 2, as for bad input, and nothing stays attached."""
+
+
 class ObjectFileError(NetbpfError):
     """A BPF object file is missing, unreadable or not a BPF ELF object."""
 

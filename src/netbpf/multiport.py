@@ -63,7 +63,7 @@ class Multiport(tool.Attachment):
             prog.set_autoload(name in wanted)
         obj.rodata.allow_privileged = int(self.allow_privileged)
 
-    def _load(self):
+    def _load_object(self):
         """Name what the kernel lacks in one line instead of a verifier log."""
         if self.mode == "tracepoint" and not features.probe_write_user():
             raise UsageError("--mode tracepoint needs bpf_probe_write_user, which this kernel refuses "
@@ -73,7 +73,7 @@ class Multiport(tool.Attachment):
                              "try --mode tracepoint")
         if not features.cgroup_hook("sock_release"):
             raise UsageError("this kernel has no cgroup sock_release hook (Linux 5.9+) to forget closed sockets")
-        self.obj.load()
+        return super()._load_object()
 
     def _configure(self, maps):
         for port in self.ports:

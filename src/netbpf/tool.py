@@ -122,7 +122,9 @@ def unpin_all(pin_dir, link_names, map_names):
     the pin directory with the parents that are left empty below the bpffs mount."""
     pin_dir = Path(pin_dir)
     for name in link_names:
-        if (pin_dir / name).exists():
+        if (pin_dir / name).is_symlink():  # a note beside the pins (bypass: "mechanisms")
+            (pin_dir / name).unlink()
+        elif (pin_dir / name).exists():
             open_pinned_link(pin_dir / name).detach()
     for name in map(pin_name, map_names):
         if (pin_dir / name).exists():
@@ -223,8 +225,10 @@ class Attachment:
                    (or the subclass's own _already_attached())
         PIN_CHECK  a pin that exists exactly when the tool is attached with pins
 
-    and fills in _prepare(obj) before load, _configure(maps) after load, and _attach_links(),
-    which yields (pin name, function that attaches and returns the Link) in attach order."""
+    and fills in _prepare(obj) before load (or all of _load_object()), _configure(maps) after load,
+    and _attach_links(),
+    which yields (pin name, function that attaches and returns the Link, or None for an
+    optional one the kernel refused) in attach order."""
 
     NAME = MAPS = MARKER = PIN_CHECK = None
 
@@ -242,8 +246,28 @@ class Attachment:
     def _attach_links(self):
         raise NotImplementedError
 
-    def _load(self):
-        self.obj.load()
+    def _new_object(self):
+        """The tool's object, opened and _prepare()d, not loaded."""
+        from . import object_path
+        from .loader import Object
+
+        obj = Object(object_path(self.NAME))
+        try:
+            self._prepare(obj)
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
+    def _load_object(self):
+        """The tool's object, prepared and loaded (a subclass may choose among its programs here)."""
+        obj = self._new_object()
+        try:
+            obj.load()
+        except BaseException:
+            obj.close()
+            raise
+        return obj
 
     def settings(self):
         """What defines this attachment, under the keys `status` reports them: `serve` takes
@@ -262,16 +286,13 @@ class Attachment:
     def attach(self):
         if self._already_attached():
             raise UsageError(f"{self.NAME} is already attached to {self.cgroup} (detach it first)")
-        from . import object_path
-        from .loader import Object
-
-        self.obj = Object(object_path(self.NAME))
         try:
-            self._prepare(self.obj)
-            self._load()
+            self.obj = self._load_object()
             self._configure(self.obj.maps)
             for name, attach in self._attach_links():
-                self.links[name] = attach()
+                link = attach()
+                if link is not None:  # an optional attachment the kernel refused
+                    self.links[name] = link
         except BaseException:
             self.close()
             raise
@@ -418,14 +439,19 @@ def run_command(args, commands):
             raise UsageError(f"{prog} is already attached with pins in {pin_dir} (detach it first)")
         with tool.attach():  # closing after pin() leaves the pinned attachment in place
             tool.pin(pin_dir)
+            notes = tool.feature_notes()
         if commands.after_attach:
             commands.after_attach(tool, pin_dir)
         print(f"{prog}: attached to {tool.cgroup} (pins in {pin_dir})")
+        for note in notes:
+            print(f"{prog}: {note}")
         return 0
 
     # the metrics port first: when it is taken, nothing has been attached
     with serving_metrics(address, lambda: (str(tool.cgroup), tool.stats()), commands), tool.attach():
         print(f"{prog}: attached to {tool.cgroup}; Ctrl-C to detach", flush=True)
+        for note in tool.feature_notes():
+            print(f"{prog}: {note}", flush=True)
         state = {"previous": None, "when": time.monotonic()}
 
         def step():
