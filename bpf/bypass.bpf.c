@@ -2,29 +2,34 @@
 /* bypass: local TCP connections skip the TCP/IP stack, and no program can tell.
  *
  * Any socket in a sockhash gets the kernel's tcp_bpf receive path, which differs from TCP for
- * blocking readers (a signal or any wake-up without data turns a blocking recv() into EAGAIN)
- * and splicing readers (splice never sees redirected data). So a socket joins only when netbpf
- * has seen how its owner reads it (enum sock_state in bypass.h):
+ * blocking readers (a signal or any wake-up without data turns a blocking recv() into EAGAIN,
+ * whatever was redirected), and splice never sees redirected data. So a socket joins only
+ * while its file is non-blocking, and data is redirected into it only once netbpf has seen its
+ * owner read it without splice (enum sock_state in bypass.h):
  *
- *   sockops       counts the connections of the cgroup as they establish, which tells the
- *                 agent when to look, and notes the ports the cgroup listens on;
- *   bypass_join   an iterator over the open files of every process (iter/task_file) that the
- *                 agent runs every few milliseconds: finds the TCP sockets of the cgroup, moves
- *                 one to READY once its file is non-blocking and its owner has read from it
- *                 without splice, inserts it into sock_map once its peer is READY too, and takes a
- *                 JOINED socket out again, once its redirected queue is read, when it turns
- *                 blocking or spliced, or on detach. A connection that ends before the agent
- *                 looks (connect, one request, close) costs nothing but the count. (Walking the
- *                 TCP hash tables with iter/tcp instead would be cheaper, but its batching takes
- *                 references on half-open request sockets unsafely before 6.18.45 and 6.1.183:
- *                 CVE-2026-74714, seen here as a refcount use-after-free warning.)
+ *   sockops       counts the connections of the cgroup as they establish, notes the ports the
+ *                 cgroup listens on and the network namespaces its connections live in;
+ *   bypass_join_tc  a tc program on lo's ingress: on each loopback segment that takes the TCP
+ *                 path it looks up both ends (bpf_sk_lookup_tcp) and inserts them into
+ *                 sock_map once both qualify: a connection joins on its first segment after
+ *                 that, so a joined connection (whose sends no longer make segments) stops
+ *                 paying for it. tc programs may update a sockmap; the lookup runs in the
+ *                 softirq, where no socket lock of ours is held;
+ *   bypass_sweep_files, bypass_sweep_tcp  the agent's sweep, one of two iterators (the first
+ *                 the kernel's verifier accepts): over every process's open files
+ *                 (iter/task_file, every network namespace), or over the TCP sockets of one
+ *                 namespace (iter/tcp, run by the agent in each namespace the cgroup uses).
+ *                 It joins what the tc program cannot see (other namespaces, a kernel that
+ *                 refuses the tc program), and takes a JOINED socket out again once its
+ *                 redirected queue is read, when it turns blocking or spliced, or on detach;
  *   tracepoints   mark a socket read with splice() or used as sendfile()'s source, and its
- *                 service, whose later connections then stay plain;
+ *                 service, whose later connections then never receive a redirect;
  *   sk_msg        on every send of a socket in the map, moves the message straight into the
  *                 peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that is safe,
  *                 and otherwise lets it take the normal TCP path. It is safe when
  *                   - the sender has not shut its sending side down (TCP: EPIPE);
- *                   - the peer is JOINED, and has not spliced nor set SO_RCVLOWAT since;
+ *                   - the peer is JOINED, has read from its socket (not by splice), and has
+ *                     not spliced nor set SO_RCVLOWAT since;
  *                   - the peer has read everything we ever sent the TCP way (our write_seq ==
  *                     its copied_seq): the receiver drains redirected data before its TCP queue;
  *                   - the peer's receive queue is under its limit: the redirect path has no
@@ -44,6 +49,11 @@
 /* a leaving socket stays this long after its queue was last seen empty: a redirect that
  * passed sk_msg's check just before the socket started leaving may still be on its way */
 #define LEAVE_GRACE_NS (50 * 1000 * 1000ULL)
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define TC_ACT_UNSPEC (-1) /* tcx: the next program; netlink tc: the filter's default */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -75,6 +85,24 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } spliced_services SEC(".maps");
+
+/* network namespaces (inode numbers) where connections of the cgroup were established (value:
+ * the agent round of the last one): where an iter/tcp sweep has to look */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} netns_seen SEC(".maps");
+
+/* network namespaces whose lo carries the tc program: there it joins loopback pairs, and the
+ * agent need not hurry to */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} event_netns SEC(".maps");
 
 /* Settings fixed before load (the tool writes .rodata): the verifier prunes what they rule out. */
 const volatile __u64 cgroup_id = 0;      /* the cgroup (v2 id: its directory's inode) whose sockets may join */
@@ -148,6 +176,26 @@ static __always_inline void normalize(struct sock_key *key)
 	}
 }
 
+static __always_inline int is_loopback(const struct sock_key *key)
+{
+	if (key->family == AF_INET)
+		return (bpf_ntohl(key->remote_ip[0]) >> 24) == 127;
+	return key->remote_ip[0] == 0 && key->remote_ip[1] == 0 && key->remote_ip[2] == 0 &&
+	       key->remote_ip[3] == bpf_htonl(1);
+}
+
+/* The network namespace of a socket: the inode number of /proc/PID/ns/net. */
+static __always_inline __u32 netns_of(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* Loopback addresses name a connection only within a namespace (bypass.h, struct sock_key). */
+static __always_inline void set_netns(struct sock_key *key, __u32 netns)
+{
+	key->netns = is_loopback(key) ? netns : 0;
+}
+
 /* The key of an sk_msg's socket; remote_port is network order in the upper half, local_port
  * host order. Every field is loaded before any is chosen (the barrier):
  * the verifier only accepts context loads at constant offsets, and clang would otherwise turn
@@ -175,7 +223,7 @@ static __always_inline void normalize(struct sock_key *key)
 		normalize(key);                                                     \
 	} while (0)
 
-/* The same key read from a struct sock (iterator, tracepoints). */
+/* The same key read from a struct sock (tc, the sweeps, the tracepoints). */
 static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
 {
 	key->family = BPF_CORE_READ(sk, __sk_common.skc_family);
@@ -189,24 +237,18 @@ static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
 	key->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	key->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	normalize(key);
+	set_netns(key, netns_of(sk));
 }
 
 /* The key of the other end of the connection: the same tuple seen from there. */
 static __always_inline void peer_of(const struct sock_key *key, struct sock_key *peer)
 {
 	peer->family = key->family;
+	peer->netns = key->netns;
 	__builtin_memcpy(peer->local_ip, key->remote_ip, sizeof(peer->local_ip));
 	__builtin_memcpy(peer->remote_ip, key->local_ip, sizeof(peer->remote_ip));
 	peer->local_port = key->remote_port;
 	peer->remote_port = key->local_port;
-}
-
-static __always_inline int is_loopback(const struct sock_key *key)
-{
-	if (key->family == AF_INET)
-		return (bpf_ntohl(key->remote_ip[0]) >> 24) == 127;
-	return key->remote_ip[0] == 0 && key->remote_ip[1] == 0 && key->remote_ip[2] == 0 &&
-	       key->remote_ip[3] == bpf_htonl(1);
 }
 
 static __always_inline int in_scope(const struct sock_key *key)
@@ -233,14 +275,11 @@ static __always_inline int port_allowed(const struct sock_key *key)
 	return !ports_only || port_listed(key->local_port) || port_listed(key->remote_port);
 }
 
-/* Why this socket's owner would notice tcp_bpf's receive path now; REASON_NONE when it would
- * not. Read live on every check: a program may change its socket at any time. */
-static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_info *info)
+/* Why the socket's file keeps it out of the map now (REASON_NONE: it does not). */
+static __always_inline __u32 file_unsafe(struct sock *sk)
 {
 	struct file *file = BPF_CORE_READ(sk, sk_socket, file);
 
-	if (info->spliced)
-		return REASON_SPLICED;
 	if (!file)
 		return REASON_NO_FILE;
 	if (!(BPF_CORE_READ(file, f_flags) & O_NONBLOCK) && !allow_blocking)
@@ -248,6 +287,13 @@ static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_in
 	if (BPF_CORE_READ(sk, sk_rcvlowat) > 1)
 		return REASON_RCVLOWAT;
 	return REASON_NONE;
+}
+
+/* Why this socket's owner would notice tcp_bpf's receive path now; REASON_NONE when it would
+ * not. Read live on every check: a program may change its socket at any time. */
+static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_info *info)
+{
+	return info->spliced ? REASON_SPLICED : file_unsafe(sk);
 }
 
 /* Whether the owner has read anything from the socket (by recv or read: a splice would have
@@ -258,6 +304,18 @@ static __always_inline int has_read(struct tcp_sock *tp)
 	__u32 unread = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
 
 	return received > unread;
+}
+
+/* The inode of the socket's file (0 before accept() gave it one). */
+static __always_inline __u64 inode_of(struct sock *sk)
+{
+	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
+	struct socket_alloc *alloc;
+
+	if (!sock)
+		return 0;
+	alloc = (struct socket_alloc *)((char *)sock - bpf_core_field_offset(struct socket_alloc, socket));
+	return BPF_CORE_READ(alloc, vfs_inode.i_ino);
 }
 
 /* Whether redirected data waits in the socket's psock for its reader. (A redirect still on its
@@ -328,13 +386,14 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 	info.since_ns = bpf_ktime_get_ns();
 	info.seen_round = info.first_round = round;
 	info.state = STATE_WAITING;
+	info.netns = netns_of(sk);
 	info.service_port = service;
 	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
 	if (bpf_map_update_elem(&sock_info, key, &info, BPF_ANY))
 		return NULL;
 	made = bpf_map_lookup_elem(&sock_info, key);
 	if (made)
-		set_state(made, STATE_WAITING, made->spliced ? REASON_SPLICED : REASON_NOT_READ, cnt);
+		set_state(made, STATE_WAITING, made->spliced ? REASON_SPLICED : REASON_NONE, cnt);
 	return made;
 }
 
@@ -342,6 +401,55 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 static __always_inline int in_reach(struct sock_key *key)
 {
 	return (key->family == AF_INET || key->family == AF_INET6) && in_scope(key) && port_allowed(key);
+}
+
+/* The entry of an established socket of the cgroup, made when it has none; NULL when the socket
+ * is not one the bypass takes. */
+static __always_inline struct sock_info *entry_of(struct sock *sk, struct sock_key *key, struct bypass_control *ctl,
+					       struct bypass_counters *cnt)
+{
+	struct sock_info *info;
+
+	key_of_sock(sk, key);
+	if (!in_reach(key))
+		return NULL;
+	info = bpf_map_lookup_elem(&sock_info, key);
+	if (info && info->sk == (__u64)sk)
+		return info;
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_ESTABLISHED || ctl->detaching)
+		return NULL;
+	info = new_info(sk, key, ctl->round, cnt);
+	if (info)
+		cnt->candidates++;
+	return info;
+}
+
+/* Why the socket may not be in the map now (REASON_NONE: it may). */
+static __always_inline __u32 why_plain(struct sock *sk, struct sock_info *info)
+{
+	if (!info->inode)
+		info->inode = inode_of(sk);
+	return reader_unsafe(sk, info);
+}
+
+/* Into the sockhash; `sock` is the socket as the verifier lets it be inserted. The tc program
+ * and the sweep may meet the same socket at once: the one that finds it there already (EEXIST)
+ * leaves its state to the other. */
+static __always_inline int insert(void *sock, struct sock_key *key, struct sock_info *info,
+				  struct bypass_counters *cnt)
+{
+	long err = bpf_map_update_elem(&sock_map, key, sock, BPF_NOEXIST);
+
+	if (err == -EEXIST)
+		return 0;
+	if (err) {
+		set_state(info, STATE_LEFT, REASON_INSERT_FAILED, cnt);
+		cnt->insert_failed++;
+		return 0;
+	}
+	set_state(info, STATE_JOINED, REASON_NONE, cnt);
+	cnt->sockets_inserted++;
+	return 1;
 }
 
 static __always_inline void note_listener(__u32 port)
@@ -356,13 +464,24 @@ SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
 	struct bypass_counters *cnt = counters_here();
+	struct bypass_control *ctl = control_here();
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp;
+	__u32 netns;
 
-	if (!cnt)
+	if (!cnt || !ctl)
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		cnt->established++;
+		tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
+		if (!tp)
+			break;
+		netns = netns_of((struct sock *)tp);
+		bpf_map_update_elem(&netns_seen, &netns, &ctl->round, BPF_ANY);
+		if (!bpf_map_lookup_elem(&event_netns, &netns))
+			cnt->established_for_sweep++;
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
 		note_listener(skops->local_port);
@@ -371,10 +490,177 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* --- the join iterator: run by the agent, once per open file of every process; the socket is
- * not locked here (the sockhash update and delete take its lock themselves) --- */
+/* --- joining on the first segment: tc on lo's ingress --- */
 
-static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struct sock_key *key,
+/* The tuple of a TCP segment as bpf_sk_lookup_tcp() takes it (finding its receiver), and its
+ * size; 0 for anything else. */
+static __always_inline __u32 tuple_of(struct __sk_buff *skb, struct bpf_sock_tuple *tuple)
+{
+	__u8 proto;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 vihl;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, protocol), &proto, 1) ||
+		    proto != IPPROTO_TCP ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), &tuple->ipv4.saddr, 8) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + (vihl & 0xf) * 4, &tuple->ipv4.sport, 4))
+			return 0;
+		return sizeof(tuple->ipv4);
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, nexthdr), &proto, 1) ||
+		    proto != IPPROTO_TCP || /* extension headers: not on loopback TCP */
+		    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), &tuple->ipv6.saddr, 32) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct ipv6hdr), &tuple->ipv6.sport, 4))
+			return 0;
+		return sizeof(tuple->ipv6);
+	}
+	return 0;
+}
+
+/* The same connection seen from the sender: finds the sender. */
+static __always_inline void reverse(struct bpf_sock_tuple *tuple, __u32 size)
+{
+	if (size == sizeof(tuple->ipv4)) {
+		__u32 addr = tuple->ipv4.saddr;
+		__u16 port = tuple->ipv4.sport;
+
+		tuple->ipv4.saddr = tuple->ipv4.daddr;
+		tuple->ipv4.daddr = addr;
+		tuple->ipv4.sport = tuple->ipv4.dport;
+		tuple->ipv4.dport = port;
+	} else {
+		__u32 addr[4];
+		__u16 port = tuple->ipv6.sport;
+
+		__builtin_memcpy(addr, tuple->ipv6.saddr, sizeof(addr));
+		__builtin_memcpy(tuple->ipv6.saddr, tuple->ipv6.daddr, sizeof(addr));
+		__builtin_memcpy(tuple->ipv6.daddr, addr, sizeof(addr));
+		tuple->ipv6.sport = tuple->ipv6.dport;
+		tuple->ipv6.dport = port;
+	}
+}
+
+/* What the tc program knows of one end of a pair: its entry, when it has one, and why it may
+ * not join now. */
+struct end {
+	struct sock_key key;
+	struct sock_info *info;
+	__u32 why;
+};
+
+static __always_inline void judge_end(struct sock *sk, struct end *end)
+{
+	key_of_sock(sk, &end->key);
+	end->info = bpf_map_lookup_elem(&sock_info, &end->key);
+	if (end->info && end->info->sk != (__u64)sk)
+		end->info = NULL; /* a closed socket's entry: the sweep drops it */
+	if (end->info && end->info->state == STATE_JOINED)
+		end->why = REASON_NONE;
+	else
+		end->why = end->info ? why_plain(sk, end->info) : file_unsafe(sk);
+}
+
+/* An end that cannot join yet, or whose peer cannot, keeps waiting (where it has an entry: the
+ * tc program makes entries only for pairs it joins, so that a connection that never qualifies
+ * costs it no map update). */
+static __always_inline void keep_waiting(struct end *end, __u32 peer_why, struct bypass_counters *cnt)
+{
+	struct sock_info *info = end->info;
+
+	if (!info || info->state == STATE_JOINED)
+		return;
+	if (end->why != REASON_NONE)
+		set_state(info, STATE_WAITING, end->why, cnt);
+	else if (peer_why != REASON_NONE)
+		set_state(info, STATE_READY, REASON_PEER_WAITING, cnt);
+}
+
+/* Both ends of a loopback connection, found on a segment between them: join both once both
+ * qualify. `receiver` and `sender` are the sockets bpf_sk_lookup_tcp() returned, `rsk` the
+ * receiver as a struct sock (one of the cgroup's). */
+static __always_inline void join_pair(struct bpf_sock *receiver, struct sock *rsk, struct bpf_sock *sender,
+				      struct bypass_control *ctl, struct bypass_counters *cnt)
+{
+	struct sock *ssk = (struct sock *)bpf_skc_to_tcp_sock(sender);
+	struct end r = {}, s = {};
+
+	if (!ssk)
+		return;
+	judge_end(rsk, &r);
+	if (!in_reach(&r.key))
+		return;
+	if (!in_cgroup(ssk, cgroup_id)) {
+		if (r.info && (r.info->state == STATE_WAITING || r.info->state == STATE_READY))
+			set_state(r.info, STATE_WAITING, REASON_PEER_OUTSIDE, cnt);
+		return;
+	}
+	judge_end(ssk, &s);
+	if (r.why == REASON_NONE && s.why == REASON_NONE) {
+		if (!r.info)
+			r.info = entry_of(rsk, &r.key, ctl, cnt);
+		if (!s.info)
+			s.info = entry_of(ssk, &s.key, ctl, cnt);
+		if (!r.info || !s.info)
+			return;
+		r.why = why_plain(rsk, r.info); /* with its entry: spliced, or its service was */
+		s.why = why_plain(ssk, s.info);
+	}
+	if ((r.info && r.info->state > STATE_JOINED) || (s.info && s.info->state > STATE_JOINED))
+		return; /* leaving or left: for good */
+	if (r.why != REASON_NONE || s.why != REASON_NONE) {
+		keep_waiting(&r, s.why, cnt);
+		keep_waiting(&s, r.why, cnt);
+		return;
+	}
+	if (r.info->state != STATE_JOINED && insert(receiver, &r.key, r.info, cnt))
+		cnt->inserted_by_event++;
+	if (s.info->state != STATE_JOINED && insert(sender, &s.key, s.info, cnt))
+		cnt->inserted_by_event++;
+}
+
+SEC("tc")
+int bypass_join_tc(struct __sk_buff *skb)
+{
+	struct bypass_counters *cnt = counters_here();
+	struct bypass_control *ctl = control_here();
+	struct bpf_sock *receiver, *sender;
+	struct bpf_sock_tuple tuple = {};
+	struct tcp_sock *tp;
+	__u32 size;
+
+	if (!cnt || !ctl || ctl->detaching)
+		return TC_ACT_UNSPEC;
+	size = tuple_of(skb, &tuple);
+	if (!size)
+		return TC_ACT_UNSPEC;
+	receiver = bpf_sk_lookup_tcp(skb, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!receiver)
+		return TC_ACT_UNSPEC;
+	tp = receiver->state == TCP_ESTABLISHED ? bpf_skc_to_tcp_sock(receiver) : NULL;
+	if (tp && in_cgroup((struct sock *)tp, cgroup_id)) {
+		reverse(&tuple, size);
+		sender = bpf_sk_lookup_tcp(skb, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+		if (sender) {
+			if (sender->state == TCP_ESTABLISHED)
+				join_pair(receiver, (struct sock *)tp, sender, ctl, cnt);
+			bpf_sk_release(sender);
+		}
+	}
+	bpf_sk_release(receiver);
+	return TC_ACT_UNSPEC;
+}
+
+/* --- the sweep: run by the agent; the socket is not locked here (the sockhash update and
+ * delete take its lock themselves) --- */
+
+/* Join a socket the sweep found: once it qualifies and its peer does too (the peer waits READY
+ * until the sweep meets this end). Where the tc program joins (event_netns) it has usually done
+ * so already, at the first segment after both qualified; the sweep takes the pairs that sent
+ * nothing since. */
+static __always_inline void try_join(struct sock *sk, void *sock, struct sock_key *key,
 				     struct sock_info *info, struct bypass_counters *cnt, __u64 round)
 {
 	struct sock_key peer_key = {};
@@ -389,9 +675,7 @@ static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struc
 			set_state(info, STATE_WAITING, REASON_PEER_OUTSIDE, cnt);
 		return;
 	}
-	reason = reader_unsafe(sk, info);
-	if (reason == REASON_NONE && !has_read(tp))
-		reason = REASON_NOT_READ;
+	reason = why_plain(sk, info);
 	if (reason != REASON_NONE) {
 		set_state(info, STATE_WAITING, reason, cnt);
 		return;
@@ -400,13 +684,7 @@ static __always_inline void try_join(struct sock *sk, struct tcp_sock *tp, struc
 		set_state(info, STATE_READY, REASON_PEER_WAITING, cnt);
 		return;
 	}
-	if (bpf_map_update_elem(&sock_map, key, tp, BPF_NOEXIST)) {
-		set_state(info, STATE_LEFT, REASON_INSERT_FAILED, cnt);
-		cnt->insert_failed++;
-		return;
-	}
-	set_state(info, STATE_JOINED, REASON_NONE, cnt);
-	cnt->sockets_inserted++;
+	insert(sock, key, info, cnt);
 }
 
 /* Both ends or neither: a socket whose peer's insert failed after this one joined leaves too. */
@@ -441,64 +719,39 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 	}
 	if (bpf_ktime_get_ns() - info->since_ns < LEAVE_GRACE_NS)
 		return;
-	bpf_map_delete_elem(&sock_map, key);
+	if (bpf_map_delete_elem(&sock_map, key))
+		return; /* not there (any more): the socket is closing, and its entry goes with it */
 	cnt->sockets_left++;
 	count_reason(cnt->left_by_reason, info->reason);
 	set_state(info, STATE_LEFT, info->reason, cnt);
 }
 
-SEC("iter/task_file")
-int bypass_join(struct bpf_iter__task_file *ctx)
+/* One socket the sweep found: `tp` is the socket as the verifier lets it be inserted. */
+static __always_inline void visit(struct tcp_sock *tp)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_control *ctl = control_here();
-	struct task_struct *task = ctx->task;
-	struct file *file = ctx->file;
+	struct sock *sk = (struct sock *)tp;
 	struct sock_key key = {};
 	struct sock_info *info;
-	struct socket *sock;
-	struct tcp_sock *tp;
-	struct sock *sk;
 	int state;
 
-	if (!file || !task || !cnt || !ctl)
-		return 0;
-	sock = bpf_sock_from_file(file);
-	if (!sock)
-		return 0;
-	sk = sock->sk;
-	if (!sk)
-		return 0;
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp || !in_cgroup(sk, cgroup_id))
-		return 0;
-	key_of_sock(sk, &key);
+	if (!cnt || !ctl || !in_cgroup(sk, cgroup_id))
+		return;
 	state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	if (state == TCP_LISTEN) {
-		note_listener(key.local_port);
-		return 0;
+		note_listener(BPF_CORE_READ(sk, __sk_common.skc_num));
+		return;
 	}
-	if (!in_reach(&key))
-		return 0;
-	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || info->sk != (__u64)sk) {
-		if (state != TCP_ESTABLISHED || detaching())
-			return 0;
-		info = new_info(sk, &key, ctl->round, cnt);
-		if (!info)
-			return 0;
-		cnt->candidates++;
-	}
-	if (info->seen_round != ctl->round) { /* the first of its owners this round */
-		info->seen_round = ctl->round;
-		info->pid = BPF_CORE_READ(task, tgid);
-		BPF_CORE_READ_STR_INTO(&info->comm, task, comm);
-	}
+	info = entry_of(sk, &key, ctl, cnt);
+	if (!info)
+		return;
+	info->seen_round = ctl->round;
 
 	switch (info->state) {
 	case STATE_WAITING:
 	case STATE_READY:
-		if (detaching())
+		if (ctl->detaching)
 			set_state(info, STATE_LEFT, REASON_DETACH, cnt);
 		else if (state == TCP_ESTABLISHED)
 			try_join(sk, tp, &key, info, cnt, ctl->round);
@@ -508,6 +761,39 @@ int bypass_join(struct bpf_iter__task_file *ctx)
 		leave_when_drained(sk, &key, info, cnt);
 		break;
 	}
+}
+
+/* Every open file of every process, whatever its network namespace. */
+SEC("iter/task_file")
+int bypass_sweep_files(struct bpf_iter__task_file *ctx)
+{
+	struct file *file = ctx->file;
+	struct socket *sock;
+	struct tcp_sock *tp;
+
+	if (!file || !ctx->task)
+		return 0;
+	sock = bpf_sock_from_file(file);
+	if (!sock || !sock->sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sock->sk);
+	if (tp)
+		visit(tp);
+	return 0;
+}
+
+/* Every TCP socket of the network namespace the agent made the iterator in. */
+SEC("iter/tcp")
+int bypass_sweep_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (tp)
+		visit(tp);
 	return 0;
 }
 
@@ -538,8 +824,8 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 }
 
 /* The owner reads this socket with splice (or sendfile): it must never receive a redirect, and
- * its service's later connections stay plain. A joined socket starts leaving at once; one the
- * iterator has not seen yet gets its entry here, so that it never joins. */
+ * its service's later connections stay plain. A joined socket starts leaving at once; one not
+ * met yet gets its entry here, so that it never joins. */
 static __always_inline void mark_spliced(int fd)
 {
 	struct bypass_counters *cnt = counters_here();
@@ -561,6 +847,8 @@ static __always_inline void mark_spliced(int fd)
 	info->spliced = 1;
 	if (info->state == STATE_WAITING || info->state == STATE_READY)
 		set_state(info, STATE_WAITING, REASON_SPLICED, cnt);
+	else if (info->state == STATE_JOINED) /* nothing more goes in; the sweep takes it out once drained */
+		set_state(info, STATE_LEAVING, REASON_SPLICED, cnt);
 	service = info->service_port;
 	bpf_map_update_elem(&spliced_services, &service, &one, BPF_ANY);
 	cnt->spliced++;
@@ -590,6 +878,34 @@ static __always_inline int pass(struct bypass_counters *cnt, __u64 *reason, __u3
 	return SK_PASS;
 }
 
+/* Whether a peer whose queue would pass its limit gets a larger one. The redirect path has no
+ * backpressure of its own, so a peer's queue is bounded by what TCP would let a writer have on
+ * its way before it blocks: the writer's send buffer and the peer's receive buffer (at least
+ * queue_floor). A reader that keeps reading earns more, as TCP's autotuning grows its window:
+ * the limit doubles, up to the kernel's tcp_rmem maximum, each time the peer has read a whole
+ * limit's worth since it last grew. One that stops (or never reads) stays where it is, and past
+ * the limit sends take TCP, whose window stops the sender. */
+static __always_inline int queue_grows(struct sock_info *peer, struct sock *psk, struct sock *self, __u32 rmem,
+				       __u32 size)
+{
+	__u32 limit = peer->queue_limit, cap;
+	__u64 consumed = peer->redirected_bytes - rmem; /* rmem counts its unread TCP data too: a floor */
+
+	if (!limit) {
+		limit = NETBPF_MAX((__u32)BPF_CORE_READ(psk, sk_rcvbuf), queue_floor) + self->sk_sndbuf;
+		peer->queue_limit = limit;
+		if (rmem + size <= limit)
+			return 1;
+	}
+	cap = BPF_CORE_READ(psk, __sk_common.skc_net.net, ipv4.sysctl_tcp_rmem[2]);
+	if (consumed - peer->consumed_mark < limit || limit >= cap)
+		return 0;
+	limit = limit * 2 < cap ? limit * 2 : cap;
+	peer->queue_limit = limit;
+	peer->consumed_mark = consumed;
+	return rmem + size <= limit;
+}
+
 SEC("sk_msg")
 int bypass_sk_msg(struct sk_msg_md *msg)
 {
@@ -599,27 +915,39 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	struct tcp_sock *self;
 	struct sock *psk;
 	__u32 size = msg->size;
-	int rmem, limit;
+	__u32 rmem;
 
 	if (!cnt)
 		return SK_PASS;
 	if (detaching())
 		return pass(cnt, &cnt->passed_detaching, size);
-	FILL_KEY(&key, msg);
-	peer_of(&key, &peer_key);
-	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	if (!peer || peer->state != STATE_JOINED || !msg->sk)
+	if (!msg->sk)
 		return pass(cnt, &cnt->passed_no_peer, size);
-
-	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
-	 * peers must get nothing more from now on (splice never sees it; poll would report it). */
-	psk = (struct sock *)peer->sk;
-	if (peer->spliced || BPF_CORE_READ(psk, sk_rcvlowat) > 1)
-		return pass(cnt, &cnt->passed_peer_unsafe, size);
-
 	self = bpf_skc_to_tcp_sock(msg->sk);
 	if (!self)
 		return pass(cnt, &cnt->passed_no_peer, size);
+	FILL_KEY(&key, msg);
+	set_netns(&key, self->inet_conn.icsk_inet.sk.__sk_common.skc_net.net->ns.inum);
+	peer_of(&key, &peer_key);
+	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
+	if (!peer || peer->state != STATE_JOINED)
+		return pass(cnt, &cnt->passed_no_peer, size);
+	psk = (struct sock *)peer->sk;
+
+	/* Nothing goes into a socket before its owner has read it: a first read by splice would
+	 * never see it. The splice tracepoint marks the socket before that read, so "has read"
+	 * is looked at before "spliced". */
+	if (!peer->reader) {
+		if (!has_read((struct tcp_sock *)psk))
+			return pass(cnt, &cnt->passed_not_reading, size);
+		peer->reader = 1;
+	}
+	asm volatile("" ::: "memory");
+	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
+	 * peers must get nothing more from now on (splice never sees it; poll would report it). */
+	if (peer->spliced || BPF_CORE_READ(psk, sk_rcvlowat) > 1)
+		return pass(cnt, &cnt->passed_peer_unsafe, size);
+
 	/* After shutdown(SHUT_WR) TCP fails the send with EPIPE, and the kernel's redirect would
 	 * deliver it (past the end of the stream once the peer has read the FIN). */
 	if (self->inet_conn.icsk_inet.sk.sk_shutdown & SEND_SHUTDOWN)
@@ -628,14 +956,13 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 		return pass(cnt, &cnt->passed_unread_plain, size);
 
 	rmem = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
-	limit = NETBPF_MAX(BPF_CORE_READ(psk, sk_rcvbuf), (int)queue_floor);
-	if (rmem + (int)size > limit)
+	if (rmem + size > peer->queue_limit && !queue_grows(peer, psk, &self->inet_conn.icsk_inet.sk, rmem, size))
 		return pass(cnt, &cnt->passed_peer_full, size);
 
 	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
 	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_key, BPF_F_INGRESS) != SK_PASS)
 		return pass(cnt, &cnt->redirect_failed, size);
-	peer->redirected_bytes += size;
+	__sync_fetch_and_add(&peer->redirected_bytes, size);
 	cnt->redirected_msgs++;
 	cnt->redirected_bytes += size;
 	return SK_PASS;

@@ -12,6 +12,8 @@
 
 #define SEND_SHUTDOWN 2
 
+#define EEXIST 17
+
 #define NETBPF_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 #endif

@@ -10,6 +10,7 @@ import itertools
 import os
 import pickle
 import select
+import signal
 import sys
 import time
 import traceback
@@ -137,7 +138,8 @@ def drop_privileges(privileges):
 def run_in(group, fn, *args, on_sync=None, privileges=None):
     """Run fn(*args) in a forked child that first joins `group` (None: stays where the test
     is) and drops `privileges` (see drop_privileges); return its result or re-raise. Each sync()
-    in the child runs on_sync() here, in the parent, while the child waits."""
+    in the child runs on_sync() here, in the parent, while the child waits; when on_sync()
+    fails, the child is killed and the failure raised."""
     global _sync_fds
     read_fd, write_fd = os.pipe()
     request_r, request_w = os.pipe()
@@ -168,10 +170,12 @@ def run_in(group, fn, *args, on_sync=None, privileges=None):
                     watch.remove(request_r)
                     continue
                 try:
-                    if on_sync is not None and failure is None:
+                    if on_sync is not None:
                         on_sync()
-                except BaseException as exc:  # noqa: BLE001 - reported after the child is done
+                except BaseException as exc:  # noqa: BLE001 - the child cannot go on without it
                     failure = exc
+                    os.kill(pid, signal.SIGKILL)  # what it waits for will not come: do not hang
+                    break
                 os.write(answer_w, b"g")
             if read_fd in ready:
                 chunk = os.read(read_fd, 1 << 16)
@@ -182,9 +186,9 @@ def run_in(group, fn, *args, on_sync=None, privileges=None):
         for fd in (read_fd, request_r, answer_w):
             os.close(fd)
         os.waitpid(pid, 0)
-    status, value = pickle.loads(b"".join(chunks))
     if failure is not None:
         raise failure
+    status, value = pickle.loads(b"".join(chunks))
     if status == "error":
         raise AssertionError(f"child in {group.path if group else 'the test cgroup'} failed: {value}")
     return value

@@ -85,17 +85,18 @@ def receive_digest(sock, seed, slow=False):
 
 
 def joinable_pair(family=socket.AF_INET, host="127.0.0.1", server_host=None, timeout=30.0):
-    """A connected pair the bypass takes: each end has read once, and both are non-blocking
-    (a Python socket timeout sets O_NONBLOCK and waits in poll, as event-driven programs do).
-    Then sync(): the parent may wait until the bypass joined them."""
+    """A connected pair the bypass takes: both ends are non-blocking (a Python socket timeout
+    sets O_NONBLOCK and waits in poll, as event-driven programs do), and each has read once: the
+    reply is the first segment after both qualify, where the tc program joins them. Then
+    sync(): the parent may wait until the bypass joined them."""
     from conftest import sync
 
     srv, cli, conn = pair(family, host, server_host)
+    cli.settimeout(timeout)
+    conn.settimeout(timeout)
     cli.sendall(b"\1")
     recv_exactly(conn, 1)
     conn.sendall(b"\2")
     recv_exactly(cli, 1)
-    cli.settimeout(timeout)
-    conn.settimeout(timeout)
     sync()
     return srv, cli, conn

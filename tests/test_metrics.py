@@ -151,9 +151,10 @@ def test_bypass_metrics_have_prometheus_names_types_and_labels(cg):
     assert found[("netbpf_bypass_sockets", ())][0] == "gauge"
     assert found[("netbpf_bypass_sockets_joined_total", ())][1] == 2
     reasons = {dict(labels)["reason"] for name, labels in found if name == "netbpf_bypass_sockets_kept_plain_total"}
-    assert {"blocking", "spliced", "not_read", "peer_outside"} <= reasons
+    assert {"blocking", "spliced", "peer_outside", "peer_waiting"} <= reasons
     passed = {dict(labels)["reason"] for name, labels in found if name == "netbpf_bypass_passed_messages_total"}
-    assert passed == {"no_peer", "peer_unsafe", "unread_plain", "peer_full", "detaching", "shut_down", "redirect_failed"}
+    assert passed == {"no_peer", "not_reading", "peer_unsafe", "unread_plain", "peer_full", "detaching", "shut_down",
+                      "redirect_failed"}
     assert {cgroup for _, _, cgroup in found.values()} == {str(cg.path)}
 
 

@@ -17,6 +17,7 @@ CLI: python -m netbpf.bypass [run|attach|status|detach] [--cgroup DIR] [--scope 
 """
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -28,17 +29,18 @@ import threading
 import time
 from pathlib import Path
 
-from . import cgroup, features, metrics, tool
-from .errors import UsageError
+from . import cgroup, features, mechanisms, metrics, netns, tool
+from .errors import LibbpfError, UsageError
 from .loader import open_pinned_link
+from .mechanisms import Alternative, Choice
 from .types import AttachType
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
-MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "counters", ".rodata", "control",
-        "host_addrs", "allowed_ports")
-JOIN_INTERVAL = 0.02       # seconds between rounds of the join iterator, at least
+MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "netns_seen", "event_netns", "counters",
+        ".rodata", "control", "host_addrs", "allowed_ports")
+JOIN_INTERVAL = 0.02       # seconds between rounds of the sweep, at least
 SLOW_INTERVAL = 1.0        # between rounds while nothing new happens but sockets wait or are joined
 AGENT_CPU_SHARE = 0.05     # and at most this share of one CPU: a round visits every TCP socket
 DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their redirected data
@@ -46,11 +48,21 @@ DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their red
 # enum sock_state and enum plain_reason of bpf/bypass.h
 STATES = {1: "waiting", 2: "ready", 3: "joined", 4: "leaving", 5: "left"}
 READY, JOINED, LEAVING = 2, 3, 4
-REASONS = ("none", "no_file", "blocking", "not_read", "spliced", "rcvlowat", "peer_outside", "detach",
-           "insert_failed", "peer_waiting")
+REASONS = ("none", "no_file", "blocking", "spliced", "rcvlowat", "peer_outside", "detach", "insert_failed",
+           "peer_waiting")
 # reasons a new connection often leaves behind within moments (a server sets O_NONBLOCK right
-# after accept(), a client reads its first reply): the agent looks again soon
-TRANSIENT = {"no_file", "not_read", "peer_waiting", "blocking", "rcvlowat"}
+# after accept(), its peer follows): the agent looks again soon
+TRANSIENT = {"no_file", "peer_waiting", "blocking", "rcvlowat"}
+
+# How sockets join, each chosen by what the kernel's verifier accepts (netbpf.mechanisms):
+# the tc program on lo joins loopback pairs at their first segment after both qualify (none:
+# the sweep alone joins, every JOIN_INTERVAL); the sweep joins what tc does not see and takes
+# sockets out again.
+EVENT_JOIN = Choice("event join", (Alternative("tc", "bypass_join_tc"),), required=False)
+SWEEP = Choice("sweep", (Alternative("iter/task_file", "bypass_sweep_files"),
+                         Alternative("iter/tcp", "bypass_sweep_tcp")))
+CHOICES = (EVENT_JOIN, SWEEP)
+MECHANISMS_PIN = "mechanisms"  # a symlink beside the pins whose target is the JSON of mechanisms()
 
 
 def host_addresses():
@@ -85,60 +97,108 @@ def refresh_host_addrs(host_addrs):
         del host_addrs[{"family": family, "ip": ip}]
 
 
-def join_pass(join_link, maps):
-    """One round of the agent: the join iterator over the processes' open files, then forget
-    the sockets it did not see: they are closed. A pair joins as the iterator meets its second
-    end (the first one waits READY), so when a round leaves sockets READY the iterator runs once
-    more. Returns a Round: what run_paced() needs to decide when the next one is due."""
+class Sweep:
+    """The walk of one agent round: the sweep iterator run once (iter/task_file sees every
+    process's files, whatever their network namespace), or once in each network namespace the
+    cgroup's connections live in (iter/tcp sees only the namespace its iterator is made in:
+    the agent's thread enters each one through a process of the cgroup that lives there)."""
+
+    def __init__(self, link, mechanism, cgroup_dir, netns_seen):
+        self.link, self.per_netns, self.cgroup_dir = link, mechanism == "iter/tcp", cgroup_dir
+        self.netns_seen = netns_seen  # the map sockops notes the connections' namespaces in
+        self.own = netns.inode_of()
+        self.processes = {}  # network namespace -> a process of the cgroup in it
+        if self.per_netns:  # connections older than the bypass: where the cgroup's processes are now
+            for pid in cgroup.pids_below(cgroup_dir):
+                inode = netns.inode_of(pid)
+                if inode is not None and inode not in self.processes:
+                    self.processes[inode] = pid
+                    netns_seen[inode] = 0
+
+    def run(self):
+        """One walk; returns the namespaces it walked (None: all of them)."""
+        self.link.run_iter()
+        if not self.per_netns:
+            return None
+        return {self.own} | {inode for inode in self.netns_seen if inode != self.own and self._walk_in(inode)}
+
+    def _walk_in(self, inode):
+        pid = self.processes.get(inode)
+        if pid is None or netns.inode_of(pid) != inode:
+            pid = netns.find_process(inode, cgroup.pids_below(self.cgroup_dir))
+        if pid is None:
+            self.processes.pop(inode, None)
+            self.netns_seen.pop(inode, None)  # no process of the cgroup lives there any more
+            return False
+        self.processes[inode] = pid
+        try:
+            with netns.entered(pid):
+                self.link.run_iter()
+        except OSError:  # the process ended meanwhile: another one next round
+            self.processes.pop(inode, None)
+            return False
+        return True
+
+
+def join_pass(sweep, maps):
+    """One round of the agent: the sweep, then forget the sockets it did not see where it
+    looked: they are closed. A pair joins as the sweep meets its second end (the first one waits
+    READY), so when a round leaves such sockets READY the sweep runs once more. Returns a Round:
+    what run_paced() needs to decide when the next one is due."""
     control = maps["control"]
     this_round = control[0].round + 1
     control[0] = control[0]._replace(round=this_round)
     for _ in range(2):
-        join_link.run_iter()
+        walked = sweep.run()
+        tracked_netns = set(maps["netns_seen"]) | (walked or set())
+        event = set(maps["event_netns"])
         result, ready = Round(), 0
         for key, info in maps["sock_info"].items():
-            if info.seen_round < this_round:
+            looked = walked is None or info.netns in walked or info.netns not in tracked_netns
+            if info.seen_round < this_round and looked:
                 maps["sock_info"].pop(key, None)
                 continue
-            result.found += info.first_round == this_round
-            result.survivors += info.first_round == this_round - 1
             if STATES.get(info.state) == "left":
                 continue
             result.tracked += 1
+            if info.netns in event:
+                continue  # the tc program joins these at their next segment
+            result.found += info.first_round == this_round
+            result.survivors += info.first_round == this_round - 1
             ready += info.state == READY
             moving = info.state in (READY, LEAVING) or REASONS[info.reason] in TRANSIENT
             result.waiting += moving and info.first_round < this_round
         if not ready:
             break
     for port, seen in maps["listeners"].items():
-        if seen < this_round:  # the iterator stamps the listeners it finds open
+        if seen < this_round:  # the sweep stamps the listeners it finds open
             maps["listeners"].pop(port, None)
     return result
 
 
 class Round:
-    """What a round of the agent saw: sockets tracked (not LEFT), waiting (found by an earlier
-    round and may move soon: a first read, an accept(), their peer, or leaving), found (new
-    this round), survivors (found by the round before and still open), and how many sockets
-    had joined so far (inserted)."""
+    """What a round of the agent saw: sockets tracked (not LEFT), and of those the sweep joins
+    (not the tc program): waiting (found by an earlier round and may move soon: an accept(), a
+    flag, their peer, or leaving), found (new this round), survivors (found by the round before
+    and still open); and how many sockets had joined so far (inserted)."""
 
     def __init__(self):
         self.tracked = self.waiting = self.found = self.survivors = self.inserted = 0
 
 
-def agent_step(join_link, maps, count_only=False):
-    """What run_paced() needs: the connections established so far and, unless count_only,
-    join_pass()'s Round."""
-    counters = maps["counters"]
-    established = counters.sum(0).established
+def agent_step(sweep, maps, count_only=False):
+    """What run_paced() needs: the connections established so far (where the sweep joins, and
+    everywhere) and, unless count_only, join_pass()'s Round."""
+    counters = maps["counters"].sum(0)
+    established = (counters.established_for_sweep, counters.established)
     if count_only:
         return established
-    this = join_pass(join_link, maps)
-    this.inserted = counters.sum(0).sockets_inserted
+    this = join_pass(sweep, maps)
+    this.inserted = maps["counters"].sum(0).sockets_inserted
     return established, this
 
 
-def drain(join_link, maps, timeout):
+def drain(sweep, maps, timeout):
     """Stop every redirect at once, then take each socket out of the map as soon as its reader
     has read what was redirected to it (leaving the map earlier would drop that data).
     Returns the connections still in the map when the timeout ran out."""
@@ -146,7 +206,7 @@ def drain(join_link, maps, timeout):
     control[0] = control[0]._replace(detaching=1)
     deadline = time.monotonic() + timeout
     while True:
-        join_pass(join_link, maps)
+        join_pass(sweep, maps)
         if len(maps["sock_map"]) == 0:
             return []
         if time.monotonic() >= deadline:
@@ -154,18 +214,37 @@ def drain(join_link, maps, timeout):
         time.sleep(JOIN_INTERVAL)
 
 
-def connections(maps):
-    """The sockets in the map: tuple, state, bytes redirected into them, and a process that
-    has the socket open (as the join iterator last found it)."""
-    found = []
-    for key, info in maps["sock_info"].items():
-        if info.state not in (JOINED, LEAVING):
+def socket_owners(inodes):
+    """{socket inode: (pid, comm)} of a process that has each socket open, from /proc (as `ss -p`
+    finds them); sockets no process holds are left out."""
+    wanted, owners = {f"socket:[{inode}]": inode for inode in inodes if inode}, {}
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            found = [wanted[link] for link in links & wanted.keys() if wanted[link] not in owners]
+            if found:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                owners.update((inode, (int(pid), comm)) for inode in found)
+        except OSError:  # gone meanwhile, or a file descriptor closed under us
             continue
+    return owners
+
+
+def connections(maps):
+    """The sockets in the map: tuple, network namespace, state, whether their owner reads them
+    (redirects go in), bytes redirected into them, and a process that has the socket open (None
+    when no process of this host's /proc holds it)."""
+    members = [(key, info) for key, info in maps["sock_info"].items() if info.state in (JOINED, LEAVING)]
+    owners = socket_owners(info.inode for _, info in members)
+    found = []
+    for key, info in members:
+        pid, comm = owners.get(info.inode, (None, None))
         found.append({"local": f"{_ip_text(key.family, key.local_ip)}:{key.local_port}",
                       "remote": f"{_ip_text(key.family, key.remote_ip)}:{key.remote_port}",
-                      "state": STATES[info.state],
+                      "netns": info.netns, "state": STATES[info.state],
                       "reason": REASONS[info.reason] if info.reason < len(REASONS) else str(info.reason),
-                      "redirected_bytes": info.redirected_bytes, "pid": info.pid or None, "comm": info.comm})
+                      "reading": bool(info.reader), "redirected_bytes": info.redirected_bytes,
+                      "pid": pid, "comm": comm})
     return sorted(found, key=lambda c: (c["local"], c["remote"]))
 
 
@@ -175,11 +254,11 @@ class Bypass(tool.Attachment):
     NAME = "bypass"
     MAPS = MAPS
     MARKER = (AttachType.CGROUP_SOCK_OPS, "bypass_sockops")
-    PIN_CHECK = "join"
+    PIN_CHECK = "sweep"
 
     def __init__(self, cgroup_dir=None, scope="host", ports=(), max_sockets=65536,
                  queue_floor=DEFAULT_QUEUE_FLOOR, allow_blocking_readers=None, drain_timeout=DRAIN_TIMEOUT,
-                 sk_msg_link=None):
+                 sk_msg_link=None, tc_link=None):
         if scope not in SCOPES:
             raise UsageError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
         if not 2 <= max_sockets <= 1 << 24:
@@ -196,10 +275,14 @@ class Bypass(tool.Attachment):
             allow_blocking_readers = features.blocking_reads_like_tcp()
         self.allow_blocking_readers = bool(allow_blocking_readers)
         self.drain_timeout = drain_timeout
-        self.sk_msg_link = sk_msg_link
+        # the kinds of attachment (None: the kernel's best); NETBPF_REFUSE can refuse the links
+        forced = mechanisms.forced_refusals()
+        self.sk_msg_link = False if "sockmap_link" in forced else sk_msg_link
+        self.tc_link = False if "tcx" in forced else tc_link
+        self.chosen, self.refused = {}, {}
         self.pinned = False
         self.still_draining = []  # what close() could not drain in time
-        self._agent = self._agent_stop = None
+        self._sweep = self._agent = self._agent_stop = None
         self._round_lock = threading.Lock()  # one round at a time: tick() may also be called directly
 
     def _prepare(self, obj):
@@ -212,6 +295,10 @@ class Bypass(tool.Attachment):
         settings.queue_floor = self.queue_floor
         settings.allow_blocking = int(self.allow_blocking_readers)
 
+    def _load_object(self):
+        obj, self.chosen, self.refused = mechanisms.load(self._new_object, CHOICES, self.NAME)
+        return obj
+
     def _configure(self, maps):
         maps["control"][0] = {"detaching": 0, "agent_pid": 0}
         for port in self.ports:
@@ -223,10 +310,15 @@ class Bypass(tool.Attachment):
                 "max_sockets": self.max_sockets, "queue_floor": self.queue_floor,
                 "allow_blocking_readers": self.allow_blocking_readers}
 
+    def mechanisms(self):
+        """How sockets join and how the programs are attached: what `status` reports as "join"."""
+        tc = self.links.get("tc")
+        return {"event": "tc" if tc else None, "tc_attach": tc.info()["type"] if tc else None,
+                "sweep": self.chosen[SWEEP.job].name, "refused": dict(self.refused),
+                "sk_msg_attach": self.links["sk_msg"].kind}
+
     def feature_notes(self):
-        if self.links["sk_msg"].kind == "prog_attach":
-            return ["this kernel has no sockmap links (6.10+): sk_msg attaches with bpf_prog_attach"]
-        return []
+        return join_lines(self.mechanisms())
 
     def _attach_links(self):
         progs, maps = self.obj.programs, self.obj.maps
@@ -234,11 +326,27 @@ class Bypass(tool.Attachment):
         yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
         yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
         yield "sk_msg", lambda: progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
-        yield "join", lambda: progs["bypass_join"].attach_iter()
+        yield "sweep", lambda: progs[self.chosen[SWEEP.job].program].attach_iter()
+        if self.chosen[EVENT_JOIN.job]:
+            yield "tc", self._attach_tc
         yield "sockops", lambda: progs["bypass_sockops"].attach_cgroup(self.cgroup)
+
+    def _attach_tc(self):
+        """The tc program on lo's ingress in this thread's network namespace; None (and noted as
+        refused) when the kernel takes neither a tcx link nor a tc filter."""
+        try:
+            link = self.obj.programs[EVENT_JOIN.alternatives[0].program].attach_tc(socket.if_nametoindex("lo"),
+                                                                                 self.tc_link)
+        except LibbpfError as exc:
+            self.refused["tc"] = f"attach: {exc}"
+            self.chosen[EVENT_JOIN.job] = None
+            return None
+        self.obj.maps["event_netns"][netns.inode_of()] = 1
+        return link
 
     def attach(self):
         super().attach()
+        self._sweep = Sweep(self.links["sweep"], self.chosen[SWEEP.job].name, self.cgroup, self.obj.maps["netns_seen"])
         self._agent_stop = threading.Event()
         self._agent = threading.Thread(target=self._run_agent, name="netbpf-bypass-agent", daemon=True)
         self._agent.start()
@@ -249,15 +357,15 @@ class Bypass(tool.Attachment):
 
     def pin(self, pin_dir):
         super().pin(pin_dir)
+        os.symlink(json.dumps(self.mechanisms(), sort_keys=True), Path(pin_dir) / MECHANISMS_PIN)
         self.pinned = True
 
     def tick(self, count_only=False):
         """One round of joining and leaving (the agent's work; see agent_step)."""
-        join_link = self.links.get("join")
-        if join_link is None:  # closed
-            return 0 if count_only else (0, Round())
+        if "sweep" not in self.links:  # closed
+            return (0, 0) if count_only else ((0, 0), Round())
         with self._round_lock:
-            return agent_step(join_link, self.obj.maps, count_only)
+            return agent_step(self._sweep, self.obj.maps, count_only)
 
     def close(self):
         """Unless pinned: stop redirecting, let readers take what was redirected to them (up to
@@ -268,11 +376,13 @@ class Bypass(tool.Attachment):
             self._agent_stop.set()
             self._agent.join()
             self._agent = None
-        if self.obj is not None and not self.pinned and "join" in self.links:
-            sockops = self.links.pop("sockops", None)
-            if sockops is not None:
-                sockops.close()  # the mark of an attached bypass: another may attach now
-            self.still_draining = drain(self.links["join"], self.obj.maps, self.drain_timeout)
+        if self.obj is not None and not self.pinned and self._sweep is not None:
+            for name in ("sockops", "tc"):  # sockops first: the mark of an attached bypass
+                link = self.links.pop(name, None)
+                if link is not None:
+                    link.close()
+            self.still_draining = drain(self._sweep, self.obj.maps, self.drain_timeout)
+        self._sweep = None
         super().close()
 
     def refresh_host_addrs(self):
@@ -295,14 +405,29 @@ class Bypass(tool.Attachment):
             return super().detach_pinned(pin_dir) and []
         with cls.pinned_maps(pin_dir) as maps:
             stop_agent(maps["control"])
-            if (pin_dir / "sockops").exists():
-                open_pinned_link(pin_dir / "sockops").detach()
-            with open_pinned_link(pin_dir / "join") as join_link:
-                remaining = drain(join_link, maps, timeout)
+            for name in ("sockops", "tc"):
+                if os.path.lexists(pin_dir / name):
+                    open_pinned_link(pin_dir / name).detach()
+            with pinned_sweep(pin_dir, maps) as sweep:
+                remaining = drain(sweep, maps, timeout)
         if remaining and not force:
             return remaining
         super().detach_pinned(pin_dir)
         return remaining
+
+
+def pinned_mechanisms(pin_dir):
+    """What Bypass.mechanisms() said when the bypass in pin_dir was attached."""
+    return json.loads(os.readlink(Path(pin_dir) / MECHANISMS_PIN))
+
+
+@contextlib.contextmanager
+def pinned_sweep(pin_dir, maps):
+    """The Sweep of a pinned bypass (its link closed afterwards)."""
+    config = maps[".rodata"][0]
+    with open_pinned_link(Path(pin_dir) / "sweep") as link:
+        yield Sweep(link, pinned_mechanisms(pin_dir)["sweep"], cgroup.path_of_id(config.cgroup_id),
+                    maps["netns_seen"])
 
 
 def start_agent(pin_dir):
@@ -336,33 +461,36 @@ def stop_agent(control, timeout=5.0):
 def run_paced(step, stop):
     """The agent's loop, until the threading.Event stop is set. step() runs a round and returns
     (connections established so far, its Round); with count_only=True it returns only the
-    first, cheaply. A round walks every process's open files, so the agent runs one:
-      - soon after connections were established, soon again after a round found new sockets,
-        and every JOIN_INTERVAL while sockets it found earlier may still move, for a second
-        after the last new connection;
+    first, cheaply: a pair (where the sweep joins, everywhere). A round walks every TCP socket,
+    so the agent runs one:
+      - soon after connections were established where the sweep joins them, soon again after a
+        round found new sockets, and every JOIN_INTERVAL while sockets it found earlier may
+        still move, for a second after the last new connection;
       - less and less often, up to SLOW_INTERVAL, while new connections are gone before a round
         or by the next one (connect, one request, close): a stream of short connections costs
         the host next to nothing, and a long-lived one among them is found all the same;
       - every SLOW_INTERVAL while other sockets are tracked (a blocking one may turn
-        non-blocking; a joined one blocking);
+        non-blocking; a joined one blocking), or connections were established where the tc
+        program joins (the sweep only keeps their books);
     and never more than AGENT_CPU_SHARE of one CPU."""
-    seen_established, busy_until, rest, last_round, backoff = None, 0.0, 0.0, 0.0, JOIN_INTERVAL
+    seen, busy_until, rest, last_round, backoff, unswept = None, 0.0, 0.0, 0.0, JOIN_INTERVAL, False
     established, last = step()
     while not stop.wait(max(rest, JOIN_INTERVAL)):
         now = time.monotonic()
-        new_connections = established != seen_established
+        new_connections = seen is None or established[0] != seen[0]
+        unswept = unswept or seen is None or established[1] != seen[1]
         if new_connections:
             busy_until = now + 1.0
-        seen_established = established
+        seen = established
         since = now - last_round
         due = (((new_connections or last.found) and since >= backoff) or (last.waiting and now < busy_until)
-               or (last.tracked and since >= SLOW_INTERVAL))
+               or ((last.tracked or unswept) and since >= SLOW_INTERVAL))
         if not due:
             established, rest = step(count_only=True), 0.0
             continue
         spent = time.thread_time()
         established, this = step()
-        last_round = time.monotonic()
+        last_round, unswept = time.monotonic(), False
         rest = (time.thread_time() - spent) / AGENT_CPU_SHARE  # CPU time: a loaded host slows the walk
         if this.survivors or this.waiting or this.inserted > last.inserted:
             backoff = JOIN_INTERVAL
@@ -372,26 +500,26 @@ def run_paced(step, stop):
 
 
 def run_agent(pin_dir, stop=None):
-    """The agent of a pinned bypass: run the join iterator until `stop` (a threading.Event; by
-    default set by SIGTERM or SIGINT) is set or the pins are gone."""
+    """The agent of a pinned bypass: run the sweep until `stop` (a threading.Event; by default
+    set by SIGTERM or SIGINT) is set or the pins are gone."""
     pin_dir = Path(pin_dir)
     if stop is None:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop.set())
-    with Bypass.pinned_maps(pin_dir) as maps, open_pinned_link(pin_dir / "join") as join_link:
+    with Bypass.pinned_maps(pin_dir) as maps, pinned_sweep(pin_dir, maps) as sweep:
         control = maps["control"]
         control[0] = control[0]._replace(agent_pid=os.getpid())
 
         def step(count_only=False):
-            if not (pin_dir / "join").exists() or control[0].detaching:
+            if not Bypass.is_pinned(pin_dir) or control[0].detaching:
                 stop.set()
-            return agent_step(join_link, maps, count_only)
+            return agent_step(sweep, maps, count_only)
 
         try:
             run_paced(step, stop)
         finally:
-            if (pin_dir / "join").exists():
+            if Bypass.is_pinned(pin_dir):
                 control[0] = control[0]._replace(agent_pid=0)
     return 0
 
@@ -428,28 +556,26 @@ def _stats(maps):
 def status(pin_dir=DEFAULT_PIN_DIR):
     """What a pinned bypass is doing (reads the pins; refreshes the host addresses)."""
     pin_dir = Path(pin_dir)
-    if not (pin_dir / "join").exists():
+    if not Bypass.is_pinned(pin_dir):
         return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "sockets": 0,
                 "redirected_msgs": 0, "redirected_bytes": 0, "passed_msgs": 0}
     with Bypass.pinned_maps(pin_dir) as maps:
         refresh_host_addrs(maps["host_addrs"])
         config, control = maps[".rodata"][0], maps["control"][0]
-        sk_msg = open_pinned_link(pin_dir / "sk_msg")
-        mechanism = sk_msg.kind
-        sk_msg.close()
-        return {"attached": True, "detaching": bool(control.detaching),
+        join = pinned_mechanisms(pin_dir)
+        return {"join": join, "attached": True, "detaching": bool(control.detaching),
                 "cgroup": cgroup.path_of_id(config.cgroup_id), "pin_dir": str(pin_dir),
                 "scope": {v: k for k, v in SCOPES.items()}[config.scope],
                 "ports": sorted(port for port, listed in maps["allowed_ports"].items() if listed),
                 "queue_floor": config.queue_floor, "allow_blocking_readers": bool(config.allow_blocking),
                 "max_sockets": maps["sock_map"].max_entries,
                 "agent": {"pid": control.agent_pid or None, "running": agent_running(control.agent_pid)},
-                "sk_msg_attach": mechanism, "kernel": features.summary(),
+                "sk_msg_attach": join["sk_msg_attach"], "kernel": features.summary(),
                 "spliced_services": sorted(maps["spliced_services"]),
                 "connections": connections(maps), **_stats(maps)}
 
 
-PASSED_REASONS = ("no_peer", "peer_unsafe", "unread_plain", "peer_full", "detaching", "shut_down")
+PASSED_REASONS = ("no_peer", "not_reading", "peer_unsafe", "unread_plain", "peer_full", "detaching", "shut_down")
 
 
 def metric_families(stats):
@@ -506,10 +632,21 @@ def format_line(stats, previous, elapsed, blocking_allowed=False):
             + ("  [blocking readers allowed]" if blocking_allowed else ""))
 
 
+def join_lines(join):
+    """What Bypass.mechanisms() says, for people: how sockets join, then one line for each
+    mechanism not in use and why."""
+    event = (f"at their first segment (tc on lo: {join['tc_attach'].replace('_', ' ')}) and by the sweep "
+             if join["event"] else "by the sweep alone (every 20 ms while sockets may join) ")
+    lines = [f"sockets join {event}({join['sweep']}); sk_msg attached with "
+             f"{join['sk_msg_attach'].replace('_', ' ')}"]
+    return lines + [f"not in use: {name}: {why}" for name, why in sorted(join["refused"].items())]
+
+
 def show_status(info):
     state = "detaching (draining)" if info["detaching"] else "attached"
-    print(f"bypass: {state} to {info['cgroup']} (pins in {info['pin_dir']}, scope {info['scope']}, "
-          f"sk_msg via {info['sk_msg_attach']})")
+    print(f"bypass: {state} to {info['cgroup']} (pins in {info['pin_dir']}, scope {info['scope']})")
+    for line in join_lines(info["join"]):
+        print(f"  {line}")
     agent = info["agent"]
     print(f"  agent pid {agent['pid']}: {'running' if agent['running'] else 'NOT RUNNING: nothing joins'}")
     if info["allow_blocking_readers"] and info["kernel"]["blocking_reads_like_tcp"]:
@@ -522,11 +659,13 @@ def show_status(info):
           f"left the map: {_reasons_text(info['left_by_reason'])}")
     print(f"  redirected {info['redirected_msgs']} messages ({info['redirected_bytes']} bytes); "
           f"passed {info['passed_msgs']} ({info['passed_no_peer']} no peer, "
+          f"{info['passed_not_reading']} peer not reading yet, "
           f"{info['passed_peer_unsafe']} peer unsafe, {info['passed_unread_plain']} unread TCP data, "
           f"{info['passed_peer_full']} peer full, {info['passed_shut_down']} after shutdown)")
     for conn in info["connections"]:
-        owner = f"{conn['comm']}[{conn['pid']}]" if conn["pid"] else "?"
-        print(f"  {conn['local']:>22} -> {conn['remote']:<22} {conn['state']:8} "
+        owner = f"{conn['comm']}[{conn['pid']}]" if conn["pid"] else "owner unknown"
+        state = conn["state"] if conn["reading"] else f"{conn['state']}, not read yet"
+        print(f"  {conn['local']:>22} -> {conn['remote']:<22} {state:20} "
               f"{conn['redirected_bytes']:>12} B in  {owner}")
 
 

@@ -5,12 +5,14 @@ Each probe is cached; `summary()` is what the tools' `status` shows."""
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import platform
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from pathlib import Path
@@ -95,9 +97,10 @@ def _redirect_to_key_0(map_fd):
 
 
 @contextlib.contextmanager
-def _redirecting_pair():
+def _redirecting_pair(redirect=True):
     """(receiver, sender): a blocking loopback pair of this process in a SOCKMAP whose sk_msg
-    program redirects every send into the receiver. None when the kernel refuses a step."""
+    program redirects every send into the receiver (redirect=False: passes every send to TCP).
+    None when the kernel refuses a step."""
     sockmap = lib.bpf_map_create(MapType.SOCKMAP, b"netbpf_probe", 4, 4, 2, ffi.NULL)
     if sockmap < 0:
         _refused(sockmap)
@@ -105,7 +108,8 @@ def _redirecting_pair():
         return
     prog, pair = -1, []
     try:
-        prog = _load(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, _redirect_to_key_0(sockmap))
+        prog = _load(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, _redirect_to_key_0(sockmap) if redirect
+                     else _RETURN_ONE)  # SK_PASS
         attached = prog >= 0 and lib.bpf_prog_attach(prog, sockmap, AttachType.SK_MSG_VERDICT, 0) == 0
         if not attached:
             _refused(prog)
@@ -214,6 +218,35 @@ def splice_reads_like_tcp():
             os.close(pipe_w)
 
 
+def inq(sock):
+    """What FIONREAD says is waiting to be read on a socket."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _fionread_counts(redirect):
+    with _redirecting_pair(redirect) as pair:
+        if pair is None:
+            return False
+        receiver, sender = pair
+        sender.sendall(b"012345")
+        select.select([receiver], [], [], 2)
+        return inq(receiver) == 6
+
+
+@functools.lru_cache(maxsize=None)
+def fionread_counts_redirected():
+    """Whether FIONREAD on a socket of a sockmap counts the data redirected to it (6.18 does;
+    6.1 counts only its TCP receive queue)."""
+    return _fionread_counts(redirect=True)
+
+
+@functools.lru_cache(maxsize=None)
+def fionread_counts_tcp_data():
+    """Whether FIONREAD on a socket of a sockmap counts what came to it the TCP way (6.1 does;
+    6.18's tcp_bpf_ioctl counts only the redirected queue)."""
+    return _fionread_counts(redirect=False)
+
+
 SYSCALL_RECVFROM = {"x86_64": 45, "aarch64": 207}.get(platform.machine())
 
 
@@ -256,4 +289,6 @@ def summary():
             "cgroup_getsockname": cgroup_hook("getsockname4"), "cgroup_sock_release": cgroup_hook("sock_release"),
             "probe_write_user": probe_write_user(), "blocking_reads_like_tcp": blocking_reads_like_tcp(),
             "close_resets_like_tcp": close_resets_like_tcp(), "splice_reads_like_tcp": splice_reads_like_tcp(),
-            "send_after_shutdown_refused": send_after_shutdown_refused()}
+            "send_after_shutdown_refused": send_after_shutdown_refused(),
+            "fionread_counts_redirected": fionread_counts_redirected(),
+            "fionread_counts_tcp_data": fionread_counts_tcp_data()}

@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: MIT
+"""How and when sockets join: the mechanisms this kernel takes, the join at the first segment
+(tc on lo), and connections between two network namespaces (pods on one node).
+
+NETBPF_REFUSE (netbpf.mechanisms) makes the bypass treat mechanisms as refused: CI runs the
+bypass tests once per fallback, so that each join path is tested on every kernel."""
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from netbpf import mechanisms
+from netbpf.bypass import SWEEP
+
+from bypassutil import attached, joined
+from conftest import run_in, sync
+from netutil import PATTERN, close_all, pair, recv_exactly
+
+REFUSED = mechanisms.forced_refusals()
+
+
+def test_the_bypass_loads_on_this_kernel_and_says_how_sockets_join(bypass):
+    """A bypass that does not load is a failure, never a skip: some sweep always loads, and the
+    tc join wherever nothing refuses it."""
+    join = bypass.mechanisms()
+    assert join["sweep"] in {alt.name for alt in SWEEP.alternatives} - REFUSED
+    assert set(join["refused"]) >= REFUSED & {"tc", "iter/task_file", "iter/tcp"}
+    for name, why in join["refused"].items():
+        assert why.startswith(("verifier: ", "attach: ", "refused by NETBPF_REFUSE")), (name, why)
+    if "tc" not in REFUSED:
+        assert join["event"] == "tc" and join["tc_attach"] in ("tcx", "tc_filter"), join
+    assert bypass.feature_notes()[0].startswith("sockets join ")
+
+
+def paced_exchange(rounds, interval, check_at):
+    """A non-blocking pair exchanging 1 KiB each way every `interval` seconds; sync() after
+    round `check_at` (the parent looks at the map). Returns how many rounds echoed intact."""
+    srv, cli, conn = pair()
+    cli.settimeout(10)
+    conn.settimeout(10)
+    ok = 0
+    for i in range(rounds):
+        message = PATTERN[i * 1024:(i + 1) * 1024]
+        cli.sendall(message)
+        conn.sendall(recv_exactly(conn, 1024))
+        ok += recv_exactly(cli, 1024) == message
+        if i + 1 == check_at:
+            sync()
+        time.sleep(interval)
+    close_all(srv, cli, conn)
+    return ok
+
+
+@pytest.mark.skipif("tc" in REFUSED, reason="the tc join is refused here (NETBPF_REFUSE): only the sweep joins")
+def test_a_connection_joins_before_its_tenth_round_trip(bypass, cg):
+    """1 ms between round trips: joined at the first segment after both ends qualify, long
+    before an agent round (20 ms at best) would come."""
+    seen = {}
+
+    def look():
+        seen["sockets"] = bypass.stats()["sockets"]
+
+    assert run_in(cg, paced_exchange, 30, 0.001, 9, on_sync=look) == 30
+    assert seen["sockets"] == 2, seen  # in the map by the 9th round trip
+    stats = bypass.stats()
+    assert stats["inserted_by_event"] == 2 and stats["redirected_msgs"] >= 2 * 20, stats
+
+
+# --- two network namespaces joined by a veth pair: pods on one node ---
+
+class Pods:
+    """Two network namespaces joined by a veth pair, 10.231.0.1 in one, 10.231.0.2 in the other;
+    removed afterwards."""
+
+    def __init__(self):
+        tag = f"nb{os.getpid() % 100000}"
+        self.names = (f"{tag}a", f"{tag}b")
+        self.addresses = ("10.231.0.1", "10.231.0.2")
+
+    def __enter__(self):
+        try:
+            for name in self.names:
+                ip("netns", "add", name)
+            ip("link", "add", f"{self.names[0]}v", "type", "veth", "peer", "name", f"{self.names[1]}v")
+            for name, address in zip(self.names, self.addresses):
+                ip("link", "set", f"{name}v", "netns", name)
+                ip("-n", name, "addr", "add", f"{address}/24", "dev", f"{name}v")
+                ip("-n", name, "link", "set", f"{name}v", "up")
+                ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+    def enter(self, index):
+        """This process into namespace `index` (in a forked child)."""
+        fd = os.open(f"/run/netns/{self.names[index]}", os.O_RDONLY)
+        os.setns(fd, os.CLONE_NEWNET) if hasattr(os, "setns") else _setns(fd)
+        os.close(fd)
+
+
+def _setns(fd):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.setns(fd, 0x40000000) == 0, os.strerror(ctypes.get_errno())
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def across_namespaces(pods, total):
+    """The server in the first namespace, the client in the second (a process each, both in the
+    test's cgroup); the client streams `total` bytes and the server echoes a digest-sized reply.
+    Returns (bytes the server got intact, reply)."""
+    import hashlib
+
+    ready_r, ready_w = os.pipe()
+    server = os.fork()
+    if server == 0:
+        status = 1
+        try:
+            pods.enter(0)
+            srv = socket.socket()
+            srv.bind((pods.addresses[0], 0))
+            srv.listen()
+            os.write(ready_w, srv.getsockname()[1].to_bytes(2, "big"))
+            conn, _ = srv.accept()
+            conn.settimeout(30)
+            digest, got = hashlib.sha256(), 0
+            while got < total:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            conn.sendall(digest.digest())
+            recv_exactly(conn, 1)
+            close_all(conn, srv)
+            status = 0
+        finally:
+            os._exit(status)
+    pods.enter(1)
+    port = int.from_bytes(os.read(ready_r, 2), "big")
+    cli = socket.create_connection((pods.addresses[0], port), timeout=30)
+    cli.sendall(b"\0" * 1024)
+    payload = (PATTERN * (total // len(PATTERN) + 1))[:total - 1024]
+    sync()  # the parent waits until the sweep joined both ends (they qualify once the server reads)
+    cli.sendall(payload)
+    reply = recv_exactly(cli, 32)
+    cli.sendall(b"\1")
+    cli.close()
+    _, status = os.waitpid(server, 0)
+    assert status == 0
+    return reply == hashlib.sha256(b"\0" * 1024 + payload).digest()
+
+
+def test_a_connection_between_two_network_namespaces_is_redirected_intact(cg):
+    """The DaemonSet's case: pods on one node talk over a veth pair, each in its own network
+    namespace. Only the sweep sees them (tc on the host's lo does not), in every namespace the
+    cgroup's processes live in."""
+    total = 64 << 20
+    with Pods() as pods, attached(cg, scope="all", allow_blocking_readers=False) as bypass:
+        assert run_in(cg, across_namespaces, pods, total, on_sync=joined(bypass)) is True
+        stats = bypass.stats()
+    assert stats["sockets_inserted"] == 2 and stats["inserted_by_event"] == 0
+    # a writer faster than its reader fills the reader's queue limit, and then takes TCP until
+    # the reader has caught up (the order of the bytes): at least that limit went the short way
+    assert stats["redirected_bytes"] >= 1 << 20, repr(stats)
