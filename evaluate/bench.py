@@ -35,6 +35,7 @@ from pathlib import Path
 
 from netbpf import cgroup
 from netbpf.bypass import Bypass
+from netbpf.errors import NetbpfError
 
 REPO = Path(__file__).resolve().parent.parent
 PINGPONG = REPO / "evaluate" / "pingpong"
@@ -63,7 +64,12 @@ class Bench:
         self.reps, self.quick = reps, quick
         self.plain = cgroup.Cgroup.create(f"netbpf-bench-plain-{os.getpid()}")
         self.bypassed = cgroup.Cgroup.create(f"netbpf-bench-bypass-{os.getpid()}")
-        self.bypass = Bypass(str(self.bypassed.path)).attach()
+        try:
+            self.bypass = Bypass(str(self.bypassed.path)).attach()
+        except BaseException:
+            self.plain.remove()
+            self.bypassed.remove()
+            raise
         self.workdir = Path(tempfile.mkdtemp(prefix="netbpf-bench-"))
         self.done = 0
         self.total = 0
@@ -120,6 +126,24 @@ class Bench:
                 variant, "-m", "short", "-s", 64, "-n", n, "-p", placement, "-e")
 
         return self.interleaved(f"short connections {placement}", run)
+
+    def lived(self, lifetime):
+        """Connections one after another, each living `lifetime` seconds with a 1 KiB request
+        every millisecond: how many of their messages the bypass carried (a connection's first
+        messages go the TCP way until it joins)."""
+        n = max(5, int((2 if self.quick else 5) / lifetime))
+
+        def run(variant):
+            if variant == "unix":
+                return {}
+            before = self.bypass.stats()["redirected_msgs"]
+            result = self.pingpong(variant, "-m", "lived", "-s", 1024, "-n", n, "-d", lifetime, "-i", 1000, "-e")
+            if variant == "bypass":
+                redirected = self.bypass.stats()["redirected_msgs"] - before
+                result["redirected_share"] = redirected / (2 * result["requests"])
+            return result
+
+        return self.interleaved(f"connections living {lifetime * 1000:.0f} ms", run)
 
     def nginx(self):
         """nginx serving a small response to wrk with 50 connections (keep-alive)."""
@@ -256,7 +280,8 @@ def machine():
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-GROUPS = ("latency", "blocking", "concurrency", "stream", "short", "redis", "peers")
+GROUPS = ("latency", "blocking", "concurrency", "stream", "short", "lived", "redis", "peers")
+LIFETIMES = (0.05, 0.4)
 
 
 def run_all(args):
@@ -265,9 +290,10 @@ def run_all(args):
     sizes = [64, 1024, 16384, 65536] if not args.quick else [64, 1024, 65536]
     placements = ["same", "cross"]
     concurrency = [1, 8, 64] if not args.quick else [1, 8]
-    bench.total = args.reps * 3 * (len(sizes) * len(placements) + 2 + len(concurrency) - 1 + 2 + 2 + 5)
-    report = {"machine": machine(), "reps": args.reps, "latency": [], "concurrency": [], "stream": [],
-              "short": []}
+    bench.total = args.reps * 3 * (len(sizes) * len(placements) + 2 + len(concurrency) - 1 + 2 + 2
+                                   + len(LIFETIMES) + 5)
+    report = {"machine": machine(), "reps": args.reps, "join": bench.bypass.mechanisms(), "latency": [],
+              "concurrency": [], "stream": [], "short": [], "lived": []}
     try:
         runs = [(size, placement, "event") for placement in placements for size in sizes
                 if "latency" in wanted]
@@ -292,6 +318,11 @@ def run_all(args):
             summary = summarize(bench.short(placement), "requests_per_s")
             report["short"].append({"size": 64, "placement": placement, "summary": summary,
                                     "ratios": ratios(summary)})
+        for lifetime in LIFETIMES if "lived" in wanted else ():
+            res = bench.lived(lifetime)
+            summary = summarize(res, "requests_per_s")
+            report["lived"].append({"lifetime_s": lifetime, "summary": summary, "ratios": ratios(summary),
+                                    "redirected_share": summarize(res, "redirected_share").get("bypass")})
         redis = bench.redis() if "redis" in wanted else None
         if redis:
             report["redis"] = [{"test": t, "summary": summarize(redis, t), "ratios": ratios(summarize(redis, t))}
@@ -341,10 +372,23 @@ def markdown(report):
         row("stream MB/s", e["size"], e["placement"], e)
     for e in report.get("short", []):
         row("short connections/s", e["size"], e["placement"], e)
+    for e in report.get("lived", []):
+        row(f"requests/s, connections living {e['lifetime_s'] * 1000:.0f} ms", 1024, "any", e)
     for e in report.get("redis", []):
         row(f"redis-benchmark {e['test']} req/s", "-", "any", e)
     for e in report.get("peers", []):
         row(e["test"], "-", "any", e)
+    shares = [e for e in report.get("lived", []) if e["redirected_share"]]
+    if shares:
+        lines += ["", "| connections living | messages the bypass carried |", "|---|---|"]
+        lines += [f"| {e['lifetime_s'] * 1000:.0f} ms, a 1 KiB request every ms | "
+                  f"{100 * e['redirected_share']['median']:.1f} % [{100 * e['redirected_share']['min']:.1f}-"
+                  f"{100 * e['redirected_share']['max']:.1f}] |" for e in shares]
+    join = report.get("join")
+    if join:
+        lines += ["", f"Joining: {'tc on lo (' + join['tc_attach'] + ') and ' if join['event'] else ''}"
+                      f"the {join['sweep']} sweep"
+                  + "".join(f"; {name} not in use ({why})" for name, why in sorted(join["refused"].items())) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -385,6 +429,25 @@ def plots(report, out):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ratio.png", dpi=100)
+    shares = [e for e in report.get("lived", []) if e["redirected_share"]]
+    streams = [e for e in report.get("stream", []) if "bypass/plain" in e["ratios"]]
+    if shares or streams:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+        labels = [f"{e['lifetime_s'] * 1000:.0f} ms" for e in shares]
+        left.bar(labels, [100 * e["redirected_share"]["median"] for e in shares], color="C2")
+        left.set_ylim(0, 100)
+        left.set_ylabel("messages redirected (%)")
+        left.set_title("short-lived connections (1 KiB every ms)")
+        for offset, name, color in ((-0.2, "bypass/plain", "C2"), (0.2, "bypass/unix", "C4")):
+            right.bar([i + offset for i in range(len(streams))], [e["ratios"].get(name, 0) for e in streams],
+                      width=0.4, color=color, label=name)
+        right.set_xticks(range(len(streams)), [e["placement"] + " CPU" for e in streams])
+        right.axhline(1.0, color="grey", linewidth=0.8)
+        right.set_ylabel("throughput ratio")
+        right.set_title("one-way stream, 64 KiB writes")
+        right.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "join.png", dpi=100)
     return True
 
 
@@ -407,13 +470,17 @@ def main():
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = run_all(args)
+    try:
+        report = run_all(args)
+    except NetbpfError as exc:  # the bypass does not load here: say so, before any table
+        print(f"evaluate.bench: {exc}", file=sys.stderr)
+        return 2
     (out / "results.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (out / "results.md").write_text(table)
     print(table)
     if plots(report, out):
-        print(f"plots: {out / 'latency.png'}, {out / 'ratio.png'}")
+        print(f"plots: {out / 'latency.png'}, {out / 'ratio.png'}, {out / 'join.png'}")
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
 

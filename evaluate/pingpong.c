@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 /* pingpong: request/response latency and one-way throughput between two local processes.
  *
- *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short] [-e] [-n REQUESTS] [-s SIZE] [-c CONNECTIONS]
- *            [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS]
+ *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short|lived] [-e] [-n REQUESTS] [-s SIZE]
+ *            [-c CONNECTIONS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS] [-i GAP_US]
  *
  * The server runs in a forked child (one process per connection), so both ends live in the
  * caller's cgroup. TCP sockets set TCP_NODELAY; every read and write loops over short transfers.
@@ -10,7 +10,9 @@
  * mean and percentiles; after the warm-up requests the client pauses SETTLE_MS (default 100), so
  * that a bypass agent sees both ends have read. stream: the client sends SIZE-byte writes for
  * SECONDS, the server reads and counts. short: REQUESTS connections one after the other, each
- * connect, one request and its reply, close; latency per connection.
+ * connect, one request and its reply, close; latency per connection. lived: REQUESTS connections
+ * one after the other, each living SECONDS and echoing a SIZE-byte request every GAP_US
+ * microseconds (default 1000) meanwhile; counts the requests.
  * -e: event-driven, as redis, nginx or asyncio are: non-blocking sockets, and every read or write
  * that would block waits in epoll_wait(). Without it, blocking reads and writes.
  * Prints one JSON object on stdout.
@@ -39,12 +41,13 @@
 
 struct options {
 	const char *transport; /* tcp, tcp6, unix */
-	const char *mode;      /* rtt, stream, short */
+	const char *mode;      /* rtt, stream, short, lived */
 	const char *placement; /* same, cross, any */
 	long requests, warmup, size, settle_ms;
 	int connections;
 	double seconds;
 	int event_driven;
+	long gap_us;
 };
 
 /* event-driven mode: this process's epoll instance, which holds its one socket */
@@ -240,7 +243,8 @@ static void serve(const struct options *o, int fd, int family)
 	exit(0);
 }
 
-/* short mode: one connection after another, each one request and its reply */
+/* short and lived modes: one connection after another, each one request and its reply (short),
+ * or requests for a lifetime (lived) */
 static void serve_short(const struct options *o, int lfd, long count)
 {
 	char *buf = malloc(o->size);
@@ -253,8 +257,14 @@ static void serve_short(const struct options *o, int lfd, long count)
 		nodelay(fd, AF_INET);
 		if (o->event_driven)
 			event_driven(fd);
-		if (read_all(fd, buf, o->size) != 1 || write_all(fd, buf, o->size))
-			die("short serve");
+		do {
+			int got = read_all(fd, buf, o->size);
+
+			if (got == 0 && !strcmp(o->mode, "lived"))
+				break; /* the client's end of this connection */
+			if (got != 1 || write_all(fd, buf, o->size))
+				die("short serve");
+		} while (!strcmp(o->mode, "lived"));
 		if (epoll_fd >= 0)
 			epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
 		close(fd);
@@ -281,16 +291,21 @@ static void client_short(const struct options *o, const struct endpoint *ep, lon
 
 	pin(cpu_for(o, 1, 0));
 	for (long i = -o->warmup; i < count; i++) {
-		double t0 = now_us();
+		double t0 = now_us(), requests = 0;
 		int fd = connect_to(o, ep);
 
-		if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
-			die("short request");
+		do {
+			if (requests && o->gap_us)
+				usleep(o->gap_us);
+			if (write_all(fd, buf, o->size) || read_all(fd, back, o->size) != 1)
+				die("short request");
+			requests++;
+		} while (!strcmp(o->mode, "lived") && now_us() - t0 < o->seconds * 1e6);
 		if (epoll_fd >= 0)
 			epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
 		close(fd);
 		if (i >= 0)
-			lat[i] = now_us() - t0;
+			lat[i] = !strcmp(o->mode, "lived") ? requests : now_us() - t0;
 	}
 	exit(0);
 }
@@ -350,20 +365,26 @@ static void client(const struct options *o, const struct endpoint *ep, int conn,
 	exit(0);
 }
 
+/* short and lived: connections one after the other, each served as it comes */
+static int one_by_one(const struct options *o)
+{
+	return !strcmp(o->mode, "short") || !strcmp(o->mode, "lived");
+}
+
 static void usage(void)
 {
-	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short] [-e] [-n N] [-s SIZE] "
-			"[-c CONNS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS]\n");
+	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short|lived] [-e] [-n N] [-s SIZE] "
+			"[-c CONNS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS] [-i GAP_US]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 100, 1, 3.0, 0 };
+	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 100, 1, 3.0, 0, 1000 };
 	struct endpoint ep;
 	int opt, lfd, status, failed = 0;
 
-	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:j:d:e")) != -1) {
+	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:j:d:i:e")) != -1) {
 		switch (opt) {
 		case 't': o.transport = optarg; break;
 		case 'm': o.mode = optarg; break;
@@ -375,17 +396,19 @@ int main(int argc, char **argv)
 		case 'j': o.settle_ms = atol(optarg); break;
 		case 'd': o.seconds = atof(optarg); break;
 		case 'e': o.event_driven = 1; break;
+		case 'i': o.gap_us = atol(optarg); break;
 		default: usage();
 		}
 	}
 	if (o.requests < 1 || o.size < 1 || o.connections < 1 || o.connections > 1024 || o.seconds <= 0 ||
 	    (strcmp(o.transport, "tcp") && strcmp(o.transport, "tcp6") && strcmp(o.transport, "unix")) ||
-	    (strcmp(o.mode, "rtt") && strcmp(o.mode, "stream") && strcmp(o.mode, "short")) || o.settle_ms < 0 ||
-	    (!strcmp(o.mode, "short") && (o.connections != 1 || !strcmp(o.transport, "unix"))) ||
+	    (strcmp(o.mode, "rtt") && strcmp(o.mode, "stream") && strcmp(o.mode, "short") && strcmp(o.mode, "lived")) ||
+	    o.settle_ms < 0 || o.gap_us < 0 ||
+	    (one_by_one(&o) && (o.connections != 1 || !strcmp(o.transport, "unix"))) ||
 	    (strcmp(o.placement, "same") && strcmp(o.placement, "cross") && strcmp(o.placement, "any")))
 		usage();
 	if (o.warmup < 0)
-		o.warmup = o.requests / 20 < 2000 ? o.requests / 20 : 2000;
+		o.warmup = !strcmp(o.mode, "lived") ? 0 : o.requests / 20 < 2000 ? o.requests / 20 : 2000;
 
 	long per_conn = (o.requests + o.connections - 1) / o.connections;
 	long total = per_conn * o.connections;
@@ -396,7 +419,7 @@ int main(int argc, char **argv)
 	if (lat == MAP_FAILED)
 		die("mmap");
 	lfd = listen_on(&o, &ep);
-	if (!strcmp(o.mode, "short")) {
+	if (one_by_one(&o)) {
 		if (fork() == 0) {
 			pin(cpu_for(&o, 0, 0));
 			serve_short(&o, lfd, total + o.warmup);
@@ -404,7 +427,7 @@ int main(int argc, char **argv)
 		if (fork() == 0)
 			client_short(&o, &ep, total, lat);
 	}
-	for (int c = 0; c < o.connections && strcmp(o.mode, "short"); c++) {
+	for (int c = 0; c < o.connections && !one_by_one(&o); c++) {
 		if (fork() == 0) { /* server for one connection */
 			int fd = accept(lfd, NULL, NULL);
 
@@ -416,7 +439,7 @@ int main(int argc, char **argv)
 		}
 	}
 	double start = now_us();
-	for (int c = 0; c < o.connections && strcmp(o.mode, "short"); c++)
+	for (int c = 0; c < o.connections && !one_by_one(&o); c++)
 		if (fork() == 0)
 			client(&o, &ep, c, per_conn, lat + c * per_conn, bytes + c);
 	close(lfd);
@@ -438,6 +461,13 @@ int main(int argc, char **argv)
 			sent += bytes[c];
 		printf("\"seconds\": %.3f, \"bytes\": %.0f, \"mbytes_per_s\": %.2f}\n", o.seconds, sent,
 		       sent / o.seconds / 1e6);
+	} else if (!strcmp(o.mode, "lived")) {
+		double requests = 0;
+
+		for (long i = 0; i < total; i++)
+			requests += lat[i];
+		printf("\"lifetime_s\": %.3f, \"gap_us\": %ld, \"connections_made\": %ld, \"requests\": %.0f, "
+		       "\"requests_per_s\": %.0f}\n", o.seconds, o.gap_us, total, requests, requests / elapsed);
 	} else {
 		double sum = 0;
 

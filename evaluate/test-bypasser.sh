@@ -73,7 +73,8 @@ run_pingpong() {
 }
 
 without=$(run_pingpong)
-"$python" -m netbpf.bypass attach --cgroup "$cgroup" --pin-dir "$pins" "${attach_opts[@]}" >/dev/null
+"$python" -m netbpf.bypass attach --cgroup "$cgroup" --pin-dir "$pins" "${attach_opts[@]}" >/dev/null ||
+    { echo "$0: the bypass did not attach (the line above says why): nothing to compare" >&2; exit 2; }
 with=$(run_pingpong)
 redirected=$("$python" -m netbpf.bypass status --json --pin-dir "$pins" |
              "$python" -c 'import json, sys; print(json.load(sys.stdin)["redirected_msgs"])')
