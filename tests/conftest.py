@@ -27,6 +27,7 @@ TEST_OBJECTS = REPO / "build" / "tests"
 _counter = itertools.count()
 
 from netbpf import cgroup, mounts  # noqa: E402  (after the path set-up above)
+from netbpf.loader import open_pinned_link  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -90,9 +91,14 @@ def pin_dir():
 
 def remove_pins(path):
     """Unlink every pin below `path` (deepest first), then the directories. A tool's detach may
-    have removed `path` itself already (it removes pin directories it leaves empty)."""
+    have removed `path` itself already (it removes pin directories it leaves empty). A netlink tc
+    filter is no link that ends with its last pin: a pinned one (a directory with a `filter`
+    symlink, loader.TcFilter) is detached first."""
     if not Path(path).exists():
         return
+    for named in Path(path).rglob("filter"):
+        if named.is_symlink():
+            open_pinned_link(named.parent).detach()
     for sub in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
         sub.rmdir() if sub.is_dir() else sub.unlink()
     Path(path).rmdir()

@@ -643,13 +643,18 @@ class TcFilter(Link):
             return
         if not self.pin_path:
             self._remove()
+        self._close_fd()
+
+    def _close_fd(self):
         os.close(self._fd)
         self._fd = None
 
     def detach(self):
+        if self._fd is None:
+            return
         self._remove()
         self.unpin()
-        self.close()
+        self._close_fd()
 
     @classmethod
     def _open_pinned(cls, path):
