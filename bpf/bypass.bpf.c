@@ -155,11 +155,21 @@ static __always_inline struct bypass_control *control_here(void)
 	return bpf_map_lookup_elem(&control, &zero);
 }
 
+/* Detach is in progress, or the agent has not run a round for AGENT_LOST_NS (rounds come at
+ * least once a second): a bypass whose agent was killed, with programs that outlive it (pins, a
+ * netlink tc filter), stops joining and redirecting instead of running without anyone to take
+ * sockets out that turn blocking or close. */
+static __always_inline int stopped(const struct bypass_control *ctl)
+{
+	return ctl->detaching ||
+	       (ctl->agent_seen_ns && bpf_ktime_get_ns() - ctl->agent_seen_ns > AGENT_LOST_NS);
+}
+
 static __always_inline int detaching(void)
 {
 	struct bypass_control *ctl = control_here();
 
-	return !ctl || ctl->detaching;
+	return !ctl || stopped(ctl);
 }
 
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4, so that a v6 socket talking to a v4 one
@@ -631,7 +641,7 @@ int bypass_join_tc(struct __sk_buff *skb)
 	struct tcp_sock *tp;
 	__u32 size;
 
-	if (!cnt || !ctl || ctl->detaching)
+	if (!cnt || !ctl || stopped(ctl))
 		return TC_ACT_UNSPEC;
 	size = tuple_of(skb, &tuple);
 	if (!size)

@@ -717,3 +717,30 @@ def test_blocking_readers_join_by_default_only_where_the_kernel_reads_them_as_tc
         assert default.obj.rodata.allow_blocking == int(features.blocking_reads_like_tcp())
     with attached(cg, allow_blocking_readers=True) as allowed:
         assert allowed.obj.rodata.allow_blocking == 1
+
+
+def exchange_both_ways():
+    srv, cli, conn = joinable_pair()
+    cli.sendall(PATTERN[:4096])
+    got = recv_exactly(conn, 4096)
+    conn.sendall(got)
+    back = recv_exactly(cli, 4096)
+    close_all(srv, cli, conn)
+    return back == PATTERN[:4096]
+
+
+def test_without_its_agent_for_a_minute_the_bypass_joins_and_redirects_nothing(cg):
+    """Programs can outlive a killed agent (pins; a netlink tc filter on kernels before 6.6):
+    they then stop, rather than run with no one to take out sockets that turn blocking."""
+    with attached(cg) as bypass:
+        bypass._agent_stop.set()  # the agent thread ends, as a killed agent would
+        bypass._agent.join()
+        control = bypass.obj.maps["control"]
+        control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns() - 61 * 10**9)
+        assert run_in(cg, exchange_both_ways) is True
+        stats = bypass.stats()
+        assert stats["sockets"] == 0 and stats["redirected_msgs"] == 0 and stats["inserted_by_event"] == 0, stats
+        control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns())  # seen again: joins
+        bypass.tick()
+        assert run_in(cg, exchange_both_ways) is True
+        assert bypass.stats()["redirected_msgs"] >= 1

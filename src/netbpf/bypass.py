@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from . import cgroup, features, mechanisms, metrics, netns, tool
-from .errors import LibbpfError, UsageError
+from .errors import LibbpfError, NetbpfError, UsageError
 from .loader import open_pinned_link
 from .mechanisms import Alternative, Choice
 from .types import AttachType
@@ -147,7 +147,7 @@ def join_pass(sweep, maps):
     what run_paced() needs to decide when the next one is due."""
     control = maps["control"]
     this_round = control[0].round + 1
-    control[0] = control[0]._replace(round=this_round)
+    control[0] = control[0]._replace(round=this_round, agent_seen_ns=time.monotonic_ns())
     for _ in range(2):
         walked = sweep.run()
         tracked_netns = set(maps["netns_seen"]) | (walked or set())
@@ -430,11 +430,20 @@ def pinned_sweep(pin_dir, maps):
                     maps["netns_seen"])
 
 
-def start_agent(pin_dir):
-    """The background process that runs the join iterator of a pinned bypass."""
-    return subprocess.Popen([sys.executable, "-m", "netbpf.bypass", "agent", "--pin-dir", str(pin_dir)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+def start_agent(pin_dir, timeout=60.0):
+    """The background process that runs the sweep of a pinned bypass, once it has said in the
+    control map that it runs (so that a `status` right after `attach` sees it)."""
+    agent = subprocess.Popen([sys.executable, "-m", "netbpf.bypass", "agent", "--pin-dir", str(pin_dir)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    with Bypass.pinned_maps(pin_dir) as maps:
+        while maps["control"][0].agent_pid != agent.pid and time.monotonic() < deadline:
+            if agent.poll() is not None:
+                raise NetbpfError(f"the agent exited at its start (status {agent.returncode}); "
+                                  f"run `python -m netbpf.bypass agent --pin-dir {pin_dir}` to see why")
+            time.sleep(0.01)
+    return agent
 
 
 def agent_running(pid):
