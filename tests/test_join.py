@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from netbpf import mechanisms
+from netbpf import mechanisms, netns
 from netbpf.bypass import SWEEP
 
 from bypassutil import attached, joined
+from clitools import bpf_loaded, run_cli
 from conftest import run_in, sync
 from netutil import PATTERN, close_all, pair, recv_exactly
 
@@ -33,6 +34,17 @@ def test_the_bypass_loads_on_this_kernel_and_says_how_sockets_join(bypass):
     if "tc" not in REFUSED:
         assert join["event"] == "tc" and join["tc_attach"] in ("tcx", "tc_filter"), join
     assert bypass.feature_notes()[0].startswith("sockets join ")
+
+
+def test_where_no_sweep_loads_attach_is_one_line_exit_2_and_leaves_nothing(cg, pin_dir):
+    env = dict(os.environ, NETBPF_REFUSE=",".join(alt.name for alt in SWEEP.alternatives))
+    result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pin_dir / "b", env=env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "takes no sweep program" in lines[0] and "iter/tcp" in lines[0], lines
+    assert not bpf_loaded("bypass_") and not (pin_dir / "b").exists()
+    assert not subprocess.run(["tc", "filter", "show", "dev", "lo", "ingress"], capture_output=True,
+                              text=True).stdout.strip()
 
 
 def paced_exchange(rounds, interval, check_at):
@@ -100,17 +112,8 @@ class Pods:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
     def enter(self, index):
-        """This process into namespace `index` (in a forked child)."""
-        fd = os.open(f"/run/netns/{self.names[index]}", os.O_RDONLY)
-        os.setns(fd, os.CLONE_NEWNET) if hasattr(os, "setns") else _setns(fd)
-        os.close(fd)
-
-
-def _setns(fd):
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.setns(fd, 0x40000000) == 0, os.strerror(ctypes.get_errno())
+        """This process (a forked child, one thread) into namespace `index`."""
+        netns.enter(f"/run/netns/{self.names[index]}")
 
 
 def ip(*args):

@@ -31,6 +31,15 @@ def _setns(fd):
         raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
 
 
+def enter(path):
+    """This thread into the network namespace at `path` (/run/netns/NAME, /proc/PID/ns/net) for good."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def entered(pid):
     """This thread in the network namespace of process `pid` while the block runs, then back in
