@@ -5,7 +5,7 @@
 #   make test       run the test suite (root; loads programs into the running kernel)
 #   make evaluate   run the latency experiment and the benchmark driver
 #   make bench      pytest-benchmark: loader cycle, multiport bind+getsockname
-#   make vmtest     the tests on Debian's 6.1 kernel under QEMU (KERNEL=image: another kernel)
+#   make vmtest     the tests on Debian's 6.1 kernel under QEMU (VM=6.12: Debian's 6.12; KERNEL=image: another)
 #   make kernel     Debian's 6.1 with kernel/patches, for make vmtest KERNEL=...
 #   make clean      remove build output
 #   V=1             show the commands
@@ -115,7 +115,7 @@ bench: all
 	$(PYTHON) -m pytest --benchmark-only tests/test_bench_loader.py tests/test_bench_multiport.py
 
 vmtest: all
-	VM_KERNEL=$(KERNEL) tests/vm/run.sh
+	VM_KERNEL=$(KERNEL) VM_SERIES=$(VM) tests/vm/run.sh
 
 # Debian's 6.1 source with kernel/patches, for `make vmtest KERNEL=...` (about half an hour)
 kernel:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: MIT
-# make vmtest: the test suite on a second kernel. Boots Debian's linux-image-amd64 (6.1 on Debian
-# 12) under QEMU with software emulation (virtme-ng, the host's root file system read-only) and
-# runs the tests inside, leaving out the ones marked slow (bulk transfers and 10,000-cycle churn
-# take 10-50x longer under emulation; they run on the host kernel). Installs what it needs.
+# make vmtest: the test suite on another kernel. Boots one of Debian's kernels under QEMU with
+# software emulation (virtme-ng, the host's root file system read-only) and runs the tests inside,
+# leaving out the ones marked slow (bulk transfers and 10,000-cycle churn take 10-50x longer under
+# emulation; they run on the host kernel). Installs what it needs.
+#   VM_SERIES=6.1 (default: linux-image-amd64 of Debian 12) or 6.12 (linux-image-6.12-amd64)
+#   VM_KERNEL=IMAGE    any other kernel image (make kernel's)
+#   VM_TESTS           the test files (default: tests, all of them)
+#   PYTEST_ARGS, NETBPF_REFUSE   passed to the tests in the guest
 # Prints the kernel and the pytest summary; exits non-zero when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,10 +15,17 @@ repo=$PWD
 python=$(python3 -c 'import sys; print(sys.executable)')
 export PATH="$(dirname "$python"):$PATH"  # virtme-ng's commands live beside the interpreter
 
-kernel=${VM_KERNEL:-$(ls /boot/vmlinuz-6.1* 2>/dev/null | sort -V | tail -n 1 || true)}
+series=${VM_SERIES:-6.1}
+case "$series" in
+    6.1) package=linux-image-amd64 ;;
+    6.12) package=linux-image-6.12-amd64 ;;
+    *) echo "vmtest: VM_SERIES is 6.1 or 6.12, not $series" >&2; exit 2 ;;
+esac
+newest_image() { ls /boot/vmlinuz-"$series".* 2>/dev/null | sort -V | tail -n 1 || true; }  # 6.1. is not 6.12.
+kernel=${VM_KERNEL:-$(newest_image)}
 if [ -z "$kernel" ] || ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-system-x86 linux-image-amd64 busybox-static >/dev/null
-    kernel=${VM_KERNEL:-$(ls /boot/vmlinuz-6.1* | sort -V | tail -n 1)}
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-system-x86 "$package" busybox-static >/dev/null
+    kernel=${VM_KERNEL:-$(newest_image)}
 fi
 command -v vng >/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 "$python" -m pip install -q virtme-ng
 
@@ -25,7 +36,7 @@ started=$(date +%s)
 # stay inside the guest, so it goes to the console and is picked out of the log.
 vng --disable-kvm -r "$kernel" --cpus 2 --memory 4G --exec \
     "cd $repo && echo \"vm kernel: \$(uname -r), lockdown: \$(cat /sys/kernel/security/lockdown 2>/dev/null)\" && \
-     $python -m pytest -p no:cacheprovider -q -m 'not slow' --benchmark-disable ${PYTEST_ARGS:-} tests; \
+     NETBPF_REFUSE='${NETBPF_REFUSE:-}' $python -m pytest -p no:cacheprovider -q -m 'not slow' --benchmark-disable -rsxX --durations=5 ${PYTEST_ARGS:-} ${VM_TESTS:-tests}; \
      echo \"vm pytest exit status: \$?\"" 2>&1 | tee "$log"
 echo "vm run time: $(( $(date +%s) - started )) s"
 status=$(sed -n 's/^vm pytest exit status: \([0-9]*\).*/\1/p' "$log" | tail -n 1)
