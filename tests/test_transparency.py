@@ -287,6 +287,11 @@ def fionread_and_siocinq():
     srv, cli, conn = joinable_pair()
     cli.sendall(b"0123456789")
     wait_readable(conn)
+    return both_counts_and_read(srv, cli, conn)
+
+
+def both_counts_and_read(srv, cli, conn):
+    """What FIONREAD and SIOCINQ say of conn's queue, then what it reads; closes the pair."""
     counts = [queued(conn, request) for request in (termios.FIONREAD, 0x541B)]  # SIOCINQ
     got = conn.recv(100)
     close_all(srv, cli, conn)
@@ -311,10 +316,7 @@ def fionread_before_the_first_read():
     sync()
     cli.sendall(b"second")
     wait_queued(conn, 11)
-    counts = [queued(conn, request) for request in (termios.FIONREAD, 0x541B)]  # SIOCINQ
-    got = conn.recv(100)
-    close_all(srv, cli, conn)
-    return counts, got
+    return both_counts_and_read(srv, cli, conn)
 
 
 @pytest.mark.xfail(not features.fionread_counts_tcp_data(), strict=True,

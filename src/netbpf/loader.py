@@ -503,7 +503,30 @@ class Link:
         return f"<{type(self).__name__} {self.program} {state} pin={self.pin_path}>"
 
 
-class ProgAttachment(Link):
+class _PinnedAsDirectory(Link):
+    """An attachment that is no kernel object of its own: pinned as a bpffs directory holding
+    its program ('prog') and what names its target (_pin_target)."""
+
+    def _pin_target(self, path):
+        raise NotImplementedError
+
+    def pin(self, path):
+        os.mkdir(path)
+        try:
+            check(lib.bpf_obj_pin(self.fd, f"{path}/prog".encode()), f"pin program {self.program}")
+            self._pin_target(path)
+        except (LibbpfError, OSError):
+            _remove_pin_dir(path)
+            raise
+        self.pin_path = str(path)
+
+    def unpin(self):
+        if self.pin_path:
+            _remove_pin_dir(self.pin_path)
+            self.pin_path = None
+
+
+class ProgAttachment(_PinnedAsDirectory):
     """A bpf_prog_attach() attachment behind the Link interface (kernels without sockmap links).
 
     Pinned as a bpffs directory holding the program ('prog') and the map it is attached to
@@ -520,20 +543,8 @@ class ProgAttachment(Link):
     def info(self):
         return {"id": None, "type": "prog_attach", "prog_id": _obj_info(self.fd, "bpf_prog_info").id}
 
-    def pin(self, path):
-        os.mkdir(path)
-        try:
-            check(lib.bpf_obj_pin(self.fd, f"{path}/prog".encode()), f"pin program {self.program}")
-            check(lib.bpf_obj_pin(self.target_fd, f"{path}/target".encode()), f"pin target of {self.program}")
-        except LibbpfError:
-            _remove_pin_dir(path)
-            raise
-        self.pin_path = str(path)
-
-    def unpin(self):
-        if self.pin_path:
-            _remove_pin_dir(self.pin_path)
-            self.pin_path = None
+    def _pin_target(self, path):
+        check(lib.bpf_obj_pin(self.target_fd, f"{path}/target".encode()), f"pin target of {self.program}")
 
     def close(self):
         if self._fd is None:
@@ -584,7 +595,7 @@ def _tc_filters_on(ifindex):
     return count
 
 
-class TcFilter(Link):
+class TcFilter(_PinnedAsDirectory):
     """A netlink tc filter behind the Link interface (kernels without tcx links, before 6.6).
     close() removes the filter unless pinned, and the clsact qdisc too when attach() made it and
     nothing else uses it. Pinned as a bpffs directory holding the program ('prog') and a symlink
@@ -623,20 +634,8 @@ class TcFilter(Link):
         if self.made_qdisc and _tc_filters_on(self.ifindex) == 0:
             lib.bpf_tc_hook_destroy(_tc_hook_both(self.ifindex))
 
-    def pin(self, path):
-        os.mkdir(path)
-        try:
-            check(lib.bpf_obj_pin(self.fd, f"{path}/prog".encode()), f"pin program {self.program}")
-            os.symlink(f"{self.ifindex} {self.handle} {self.priority} {int(self.made_qdisc)}", f"{path}/filter")
-        except (LibbpfError, OSError):
-            _remove_pin_dir(path)
-            raise
-        self.pin_path = str(path)
-
-    def unpin(self):
-        if self.pin_path:
-            _remove_pin_dir(self.pin_path)
-            self.pin_path = None
+    def _pin_target(self, path):
+        os.symlink(f"{self.ifindex} {self.handle} {self.priority} {int(self.made_qdisc)}", f"{path}/filter")
 
     def close(self):
         if self._fd is None:
