@@ -16,7 +16,7 @@ import time
 import pytest
 
 from netbpf import features
-from netbpf.bypass import Bypass
+from netbpf.bypass import JOIN_INTERVAL, Bypass
 
 from bypassutil import attached, joined, kept_plain, rounds
 from conftest import run_in, sync, wait_for
@@ -742,5 +742,19 @@ def test_without_its_agent_for_a_minute_the_bypass_joins_and_redirects_nothing(c
         assert stats["sockets"] == 0 and stats["redirected_msgs"] == 0 and stats["inserted_by_event"] == 0, stats
         control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns())  # seen again: joins
         bypass.tick()
+        assert run_in(cg, exchange_both_ways) is True
+        assert bypass.stats()["redirected_msgs"] >= 1
+
+
+def test_an_idle_agent_still_says_it_runs(cg):
+    """With nothing to join the agent runs no sweep rounds, only cheap counts: those must keep
+    the programs going, or the first connection after a quiet minute would not join."""
+    with attached(cg) as bypass:
+        control = bypass.obj.maps["control"]
+        assert wait_for(lambda: control[0].round >= 1)  # the first round, after attach, is done
+        time.sleep(2 * JOIN_INTERVAL)  # and the agent idles: no connection, nothing tracked
+        stale = time.monotonic_ns() - 61 * 10**9
+        control[0] = control[0]._replace(agent_seen_ns=stale)
+        assert wait_for(lambda: control[0].agent_seen_ns > stale + 60 * 10**9, timeout=10)
         assert run_in(cg, exchange_both_ways) is True
         assert bypass.stats()["redirected_msgs"] >= 1

@@ -147,7 +147,7 @@ def join_pass(sweep, maps):
     what run_paced() needs to decide when the next one is due."""
     control = maps["control"]
     this_round = control[0].round + 1
-    control[0] = control[0]._replace(round=this_round, agent_seen_ns=time.monotonic_ns())
+    control[0] = control[0]._replace(round=this_round)
     for _ in range(2):
         walked = sweep.run()
         tracked_netns = set(maps["netns_seen"]) | (walked or set())
@@ -186,9 +186,18 @@ class Round:
         self.tracked = self.waiting = self.found = self.survivors = self.inserted = 0
 
 
+def heartbeat(control, every_ns=10**9):
+    """Say that the agent runs (the programs stop without it: AGENT_LOST_NS in bypass.h), at
+    most once a second."""
+    now = time.monotonic_ns()
+    if now - control[0].agent_seen_ns >= every_ns:
+        control[0] = control[0]._replace(agent_seen_ns=now)
+
+
 def agent_step(sweep, maps, count_only=False):
     """What run_paced() needs: the connections established so far (where the sweep joins, and
     everywhere) and, unless count_only, join_pass()'s Round."""
+    heartbeat(maps["control"])
     counters = maps["counters"].sum(0)
     established = (counters.established_for_sweep, counters.established)
     if count_only:
