@@ -155,8 +155,8 @@ static __always_inline struct bypass_control *control_here(void)
 	return bpf_map_lookup_elem(&control, &zero);
 }
 
-/* Detach is in progress, or the agent has not run a round for AGENT_LOST_NS (rounds come at
- * least once a second): a bypass whose agent was killed, with programs that outlive it (pins, a
+/* Detach is in progress, or the agent has not been heard from for AGENT_LOST_NS (it writes
+ * agent_seen_ns about once a second, idle or not): a bypass whose agent was killed, with programs that outlive it (pins, a
  * netlink tc filter), stops joining and redirecting instead of running without anyone to take
  * sockets out that turn blocking or close. */
 static __always_inline int stopped(const struct bypass_control *ctl)
