@@ -156,9 +156,9 @@ static __always_inline struct bypass_control *control_here(void)
 }
 
 /* Detach is in progress, or the agent has not been heard from for AGENT_LOST_NS (it writes
- * agent_seen_ns about once a second, idle or not): a bypass whose agent was killed, with programs that outlive it (pins, a
- * netlink tc filter), stops joining and redirecting instead of running without anyone to take
- * sockets out that turn blocking or close. */
+ * agent_seen_ns about once a second, idle or not): a bypass whose agent was killed, with
+ * programs that outlive it (pins, a netlink tc filter), stops joining and redirecting instead of
+ * running without anyone to take out sockets that turn blocking or close. */
 static __always_inline int stopped(const struct bypass_control *ctl)
 {
 	return ctl->detaching ||

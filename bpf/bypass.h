@@ -91,7 +91,7 @@ struct bypass_control {
 	__u64 round;      /* the agent's round number, stamped on each socket the sweep sees */
 	__u32 detaching;  /* 1: redirect nothing more; the join iterator empties the map */
 	__u32 agent_pid;  /* the process that runs the join iterator, 0 when none */
-	__u64 agent_seen_ns; /* CLOCK_MONOTONIC of the agent's last round, 0 before the first */
+	__u64 agent_seen_ns; /* CLOCK_MONOTONIC when the agent last said it runs, 0 before it did */
 };
 
 /* An agent not seen for this long is gone (killed): nothing more joins or is redirected. */
