@@ -736,14 +736,28 @@ def test_without_its_agent_for_a_minute_the_bypass_joins_and_redirects_nothing(c
         bypass._agent_stop.set()  # the agent thread ends, as a killed agent would
         bypass._agent.join()
         control = bypass.obj.maps["control"]
-        control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns() - 61 * 10**9)
+
+        def agent_seen(seconds_ago):
+            control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns() - seconds_ago * 10**9)
+
+        def joined_by_a_live_agent():
+            agent_seen(0)
+            # the agent thread is gone: the test runs the sweep's rounds (the join where tc is refused)
+            assert wait_for(lambda: bypass.tick() and bypass.stats()["sockets"] == 2, 20), bypass.stats()
+
+        def joined_then_agent_lost():
+            joined_by_a_live_agent()
+            agent_seen(61)
+
+        agent_seen(61)
         assert run_in(cg, exchange_both_ways) is True
         stats = bypass.stats()
         assert stats["sockets"] == 0 and stats["redirected_msgs"] == 0 and stats["inserted_by_event"] == 0, stats
-        control[0] = control[0]._replace(agent_seen_ns=time.monotonic_ns())  # seen again: joins
-        bypass.tick()
-        assert run_in(cg, exchange_both_ways) is True
-        assert bypass.stats()["redirected_msgs"] >= 1
+        assert run_in(cg, exchange_both_ways, on_sync=joined_then_agent_lost) is True
+        stats = bypass.stats()
+        assert stats["redirected_msgs"] == 0 and stats["passed_detaching"] >= 2, stats  # in the map, yet plain
+        assert run_in(cg, exchange_both_ways, on_sync=joined_by_a_live_agent) is True
+        assert bypass.stats()["redirected_msgs"] >= 2
 
 
 def test_an_idle_agent_still_says_it_runs(cg):
@@ -756,5 +770,5 @@ def test_an_idle_agent_still_says_it_runs(cg):
         stale = time.monotonic_ns() - 61 * 10**9
         control[0] = control[0]._replace(agent_seen_ns=stale)
         assert wait_for(lambda: control[0].agent_seen_ns > stale + 60 * 10**9, timeout=10)
-        assert run_in(cg, exchange_both_ways) is True
+        assert run_in(cg, exchange_both_ways, on_sync=joined(bypass)) is True
         assert bypass.stats()["redirected_msgs"] >= 1
