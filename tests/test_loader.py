@@ -4,13 +4,16 @@ event caused from a process inside it, the effect read back from a map."""
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import netbpf
+import netbpf.loader.object
 from netbpf import Link, Object, features
 from netbpf.loader import ProgAttachment
 
@@ -383,9 +386,8 @@ def test_a_global_that_does_not_exist_names_those_that_do(globals_obj):
 
 def test_settings_made_before_load_cannot_follow_it(globals_obj):
     globals_obj.load()
-    with pytest.raises(netbpf.LibbpfError) as info:
+    with pytest.raises(ValueError, match="loaded already: set max_entries of globals.bss before load"):
         globals_obj.maps["globals.bss"].max_entries = 2
-    assert info.value.errno == errno.EBUSY
 
 
 # --- handles after their owner is gone ---
@@ -397,16 +399,16 @@ def test_programs_maps_and_globals_raise_once_their_object_is_closed():
     obj.close()
     for use in (lambda: prog.fd, lambda: prog.type, lambda: bss.fd, lambda: bss.max_entries,
                 lambda: bss[0], lambda: globals_bss.calls, lambda: prog.attach_tracepoint()):
-        with pytest.raises(netbpf.LibbpfError, match="is closed") as info:
+        with pytest.raises(ValueError, match="is closed"):
             use()
-        assert info.value.errno == errno.EBADF
 
 
 def test_a_map_opened_from_a_pin_raises_after_close(probe, pin_dir):
     probe.maps["events"].pin(pin_dir / "events")
     events = netbpf.Map.open_pinned(pin_dir / "events", like=probe.maps["events"])
     events.close()
-    with pytest.raises(netbpf.LibbpfError, match="is closed"):
+    events.close()  # twice is once
+    with pytest.raises(ValueError, match="is closed"):
         len(events)
 
 
@@ -476,7 +478,7 @@ def test_clear_empties_a_hash_and_zeroes_an_array():
 def test_a_verifier_log_longer_than_the_first_buffer_arrives_whole(monkeypatch):
     with Object(built_object("rejected")) as obj, pytest.raises(netbpf.VerifierError) as full:
         obj.load()
-    monkeypatch.setattr(netbpf.loader, "VERIFIER_LOG_START", 128)  # the least a kernel takes
+    monkeypatch.setattr(netbpf.loader.object, "VERIFIER_LOG_START", 128)  # the least a kernel takes
     with Object(built_object("rejected")) as obj, pytest.raises(netbpf.VerifierError) as grown:
         obj.load()
     assert grown.value.errno == errno.EACCES  # the verifier's answer, not the log's ENOSPC
@@ -497,3 +499,15 @@ def test_the_tools_fixed_settings_are_rodata_globals_not_maps(tool, settings):
     with Object(netbpf.object_path(tool)) as obj:
         assert settings <= set(obj.rodata.values()._fields)
         assert not [name for name in obj.maps if "config" in name]
+
+
+def test_a_c_enum_reads_back_from_btf_with_the_header_s_names_and_values():
+    header = (Path(__file__).resolve().parent.parent / "bpf" / "bypass.h").read_text()
+    body = re.search(r"enum sock_state \{(.*?)\};", header, re.S).group(1)
+    declared = {name: int(value) for name, value in re.findall(r"STATE_(\w+) = (\d+)", body)}
+    with Object(netbpf.object_path("bypass")) as obj:
+        state = obj.btf.enum("sock_state", "STATE_")
+        assert {member.name: member.value for member in state} == declared
+        assert state(3) is state.JOINED
+        with pytest.raises(KeyError, match="no enum nothing"):
+            obj.btf.enum("nothing")

@@ -8,6 +8,7 @@ section (.rodata, .data, .bss: a DATASEC) reads as a namedtuple of its variables
 """
 
 import collections
+import enum
 import sys
 
 from .libbpf import ffi, lib
@@ -224,6 +225,20 @@ class BTF:
             var_id, offset = raw[3 * i], raw[3 * i + 1]
             members.append((self.name(self._type(var_id)), offset, self.codec(var_id)))
         return StructCodec(self.name(t).lstrip(".").replace(".", "_"), t.size_or_type, members)
+
+    def enum(self, name, prefix=""):
+        """The C `enum name` as an IntEnum, its members named as in C without `prefix`
+        (enum('sock_state', 'STATE_').JOINED)."""
+        type_id = lib.btf__find_by_name_kind(self._btf, name.encode(), ENUM)
+        if type_id < 0:
+            raise KeyError(f"no enum {name} in this BTF")
+        t = self._type(type_id)
+        raw = ffi.cast("int32_t *", t + 1)  # btf_enum: name_off, val
+        members = {}
+        for i in range(t.info & 0xFFFF):
+            member = ffi.string(lib.btf__name_by_offset(self._btf, raw[2 * i])).decode()
+            members[member.removeprefix(prefix)] = raw[2 * i + 1]
+        return enum.IntEnum(name, members)
 
     def type_name(self, type_id):
         """The name of a BTF type ('.rodata' for a section), '' when it has none."""

@@ -49,6 +49,19 @@ class LibbpfError(NetbpfError, OSError):
         return self.strerror
 
 
+class NotSupportedError(LibbpfError):
+    """The kernel has no such operation or attachment (EINVAL, EOPNOTSUPP, or its internal
+    ENOTSUPP): the caller may fall back to an older way."""
+
+    ERRNOS = (_errno.EINVAL, _errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP, leaked by bpf()
+
+
+def libbpf_error(what, err, details=""):
+    """The LibbpfError for a failed call: NotSupportedError where the errno says "not here"."""
+    kind = NotSupportedError if abs(err) in NotSupportedError.ERRNOS else LibbpfError
+    return kind(what, err, details)
+
+
 class VerifierError(LibbpfError):
     """The kernel's verifier refused a program. `log` holds its complete log; `reason` the line
     that says why (the last one before the statistics), which the message leads with, followed
@@ -81,12 +94,12 @@ class VerifierError(LibbpfError):
 def check(ret, what):
     """Raise LibbpfError for a negative return code (libbpf 1.x returns -errno)."""
     if ret < 0:
-        raise LibbpfError(what, ret)
+        raise libbpf_error(what, ret)
     return ret
 
 
 def check_ptr(ptr, what):
     """Raise LibbpfError for a NULL pointer return (libbpf 1.x then sets errno)."""
     if ptr == ffi.NULL:
-        raise LibbpfError(what, ffi.errno or _errno.EINVAL)
+        raise libbpf_error(what, ffi.errno or _errno.EINVAL)
     return ptr

@@ -80,6 +80,7 @@ ffi.cdef(
     struct btf_type { uint32_t name_off; uint32_t info; uint32_t size_or_type; };
     const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
     const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
+    int32_t btf__find_by_name_kind(const struct btf *btf, const char *type_name, uint32_t kind);
 
     int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
     int bpf_link_detach(int link_fd);
