@@ -353,7 +353,7 @@ static __always_inline int count_reason(__u64 *counts, __u32 reason)
 	return 1;
 }
 
-static __always_inline void set_state(struct sock_info *info, __u32 state, __u32 reason,
+static __always_inline void set_state(struct sock_info *info, enum sock_state state, enum plain_reason reason,
 				      struct bypass_counters *cnt)
 {
 	if (info->state != state)
@@ -462,12 +462,21 @@ static __always_inline int insert(void *sock, struct sock_key *key, struct sock_
 	return 1;
 }
 
+/* A note in a small map whose loss costs only a chance to join (a listener not told apart, a
+ * namespace the sweep does not walk, a spliced service whose next connections start joinable:
+ * each of their sockets is still judged on its own). */
+static __always_inline void note(void *map, void *key, void *value, struct bypass_counters *cnt)
+{
+	if (bpf_map_update_elem(map, key, value, BPF_ANY) && cnt)
+		cnt->map_update_failed++;
+}
+
 static __always_inline void note_listener(__u32 port)
 {
 	struct bypass_control *ctl = control_here();
 
 	if (ctl)
-		bpf_map_update_elem(&listeners, &port, &ctl->round, BPF_ANY);
+		note(&listeners, &port, &ctl->round, counters_here());
 }
 
 SEC("sockops")
@@ -489,7 +498,7 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 		if (!tp)
 			break;
 		netns = netns_of((struct sock *)tp);
-		bpf_map_update_elem(&netns_seen, &netns, &ctl->round, BPF_ANY);
+		note(&netns_seen, &netns, &ctl->round, cnt);
 		if (!bpf_map_lookup_elem(&event_netns, &netns))
 			cnt->established_for_sweep++;
 		break;
@@ -770,6 +779,8 @@ static __always_inline void visit(struct tcp_sock *tp)
 	case STATE_LEAVING:
 		leave_when_drained(sk, &key, info, cnt);
 		break;
+	case STATE_LEFT: /* plain TCP for the rest of its life */
+		break;
 	}
 }
 
@@ -860,7 +871,7 @@ static __always_inline void mark_spliced(int fd)
 	else if (info->state == STATE_JOINED) /* nothing more goes in; the sweep takes it out once drained */
 		set_state(info, STATE_LEAVING, REASON_SPLICED, cnt);
 	service = info->service_port;
-	bpf_map_update_elem(&spliced_services, &service, &one, BPF_ANY);
+	note(&spliced_services, &service, &one, cnt);
 	cnt->spliced++;
 }
 
@@ -942,6 +953,13 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
 	if (!peer || peer->state != STATE_JOINED)
 		return pass(cnt, &cnt->passed_no_peer, size);
+	/* The peer's entry holds no reference on its socket, and may outlive it by up to a round
+	 * (the sweep drops entries of closed sockets). Following psk is still safe: every read
+	 * through it is a probe read (BPF_CORE_READ), which cannot fault, and the redirect goes
+	 * through the sockhash, which holds a reference on each socket in it and drops a closed
+	 * one before it is freed. A socket joins the sockhash only through an entry of its own,
+	 * made for it, so a stale entry means that no socket holds peer_key there: a check may
+	 * read garbage, and the redirect then fails and the message goes the TCP way. */
 	psk = (struct sock *)peer->sk;
 
 	/* Nothing goes into a socket before its owner has read it: a first read by splice would

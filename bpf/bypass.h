@@ -58,9 +58,9 @@ enum plain_reason {
 
 /* Per-socket state beside the sockhash, made by whatever meets the socket first (the tc
  * program, the sweep, the splice tracepoint). `sk` lets a sender read its peer's receive-side
- * fields (a sockhash lookup cannot be used from sk_msg); it stays valid while the peer is in
- * the sockhash, which is the only time sk_msg follows it (a socket leaves the sockhash, and
- * the map stops being a way to it, before it is freed). */
+ * fields (a sockhash lookup cannot be used from sk_msg). The entry holds no reference on the
+ * socket: see bypass_sk_msg for why following it is safe. The enums' names reach Python through
+ * the object's BTF. */
 struct sock_info {
 	__u64 sk;
 	__u64 since_ns;          /* when state last changed */
@@ -71,8 +71,8 @@ struct sock_info {
 	__u64 consumed_mark;     /* redirected bytes it had read when queue_limit last grew */
 	__u32 queue_limit;       /* bytes it may have queued before sends to it take TCP (0: not set yet) */
 	__u32 _pad;
-	__u32 state;             /* enum sock_state */
-	__u32 reason;            /* enum plain_reason */
+	enum sock_state state;
+	enum plain_reason reason;
 	__u32 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
 	__u32 netns;             /* its network namespace (inode number), whatever its key says */
 	__u16 service_port;      /* the server end's port: a spliced service stays plain */
@@ -126,6 +126,7 @@ struct bypass_counters {
 	__u64 passed_detaching;     /* detach in progress */
 	__u64 passed_shut_down;     /* the sender shut its sending side down: TCP's EPIPE */
 	__u64 redirect_failed;      /* peer left the map between the check and the redirect */
+	__u64 map_update_failed;    /* listeners, netns_seen or spliced_services full: a note lost */
 };
 
 #endif
