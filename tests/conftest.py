@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: MIT
 """Fixtures shared by every test: a child cgroup, a bpffs pin directory, running code inside the cgroup.
 
-Safety (DESIGN.md): nothing attaches to the cgroup v2 root. Each test gets its own child cgroup and
+Safety: nothing attaches to the cgroup v2 root (the host's own services talk over loopback). Each test gets its own child cgroup and
 its own pin directory, and both are removed in teardown even when the test fails.
 """
 
@@ -27,7 +27,8 @@ TEST_OBJECTS = REPO / "build" / "tests"
 _counter = itertools.count()
 
 from netbpf import cgroup, mounts  # noqa: E402  (after the path set-up above)
-from netbpf.loader import open_pinned_link  # noqa: E402
+from netbpf.loader import Link  # noqa: E402
+from netbpf.types import Capability  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -98,7 +99,7 @@ def remove_pins(path):
         return
     for named in Path(path).rglob("filter"):
         if named.is_symlink():
-            open_pinned_link(named.parent).detach()
+            Link.open_pinned(named.parent).detach()
     for sub in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
         sub.rmdir() if sub.is_dir() else sub.unlink()
     Path(path).rmdir()
@@ -119,14 +120,10 @@ def sync():
         raise AssertionError("the parent did not answer sync()")
 
 
-# capability numbers (linux/capability.h) the tools need
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-
-
 def drop_privileges(privileges):
     """In a forked child: "nobody" becomes uid/gid 65534; "root-without-bpf" stays root and
-    drops CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN from its effective set (a
-    container's root)."""
+    drops every netbpf.types.Capability the tools need from its effective set (a container's
+    root)."""
     if privileges == "nobody":
         os.setgid(65534)
         os.setuid(65534)
@@ -136,7 +133,7 @@ def drop_privileges(privileges):
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # {effective, permitted, inheritable} x 2 words
     assert libc.capget(header, data) == 0
-    for cap in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF):
+    for cap in Capability:
         data[3 * (cap // 32)] &= ~(1 << cap % 32)
     assert libc.capset(header, data) == 0, os.strerror(ctypes.get_errno())
 

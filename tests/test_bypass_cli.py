@@ -28,7 +28,7 @@ def exchange():
 
 def pinned_sockets(pins):
     """How many sockets the pinned bypass has in its map (read the way `status` reads it)."""
-    with bypass.Bypass.pinned_maps(pins) as maps:
+    with bypass.Bypass.pins(pins).maps() as maps:
         return len(maps["sock_map"])
 
 

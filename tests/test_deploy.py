@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from netbpf import bypass, metrics, mounts
-from netbpf.tool import CAPABILITIES
+from netbpf.types import Capability
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -55,7 +55,7 @@ def test_privileges_are_the_capabilities_the_tool_checks_for_and_no_more():
     security = container["securityContext"]
     assert security["privileged"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert {f"CAP_{cap}" for cap in security["capabilities"]["add"]} == set(CAPABILITIES)
+    assert set(security["capabilities"]["add"]) == {cap.name for cap in Capability}
     assert pod["hostPID"] is True  # the join iterator sees the processes of the pid namespace it runs in
     assert not pod.get("hostNetwork")
 

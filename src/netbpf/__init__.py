@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """netbpf: eBPF tools for processes that talk on one host, and a small libbpf loader for Python."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from .loader import ANY, EXIST, NOEXIST, Link, Map, Object, Program, ProgAttachm
 
 __all__ = ["Object", "Program", "Map", "Link", "ProgAttachment", "ANY", "NOEXIST", "EXIST",
            "NetbpfError", "LibbpfError", "VerifierError", "ObjectFileError", "UsageError",
-           "libbpf_version", "object_path"]
+           "libbpf_version", "object_path", "object_file"]
 
 OBJECT_DIR = Path(os.environ.get("NETBPF_OBJECT_DIR", Path(__file__).resolve().parent / "bpf"))
 
@@ -27,3 +28,10 @@ def object_path(tool):
     if not path.exists():
         raise ObjectFileError(f"BPF object {path} not found: run `make` in the netbpf repository first")
     return path
+
+
+@functools.cache
+def object_file(tool):
+    """A tool's built object, opened once per process and never loaded: the BTF that its pinned
+    maps are decoded with and its enums are named by."""
+    return Object(object_path(tool))

@@ -13,10 +13,11 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
-from . import cgroup, features, metrics, tool
+from . import cgroup, command, features, metrics
+from .attachment import Attachment
 from .errors import UsageError
+from .privileges import require_root
 from .types import AttachType
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/multiport"
@@ -32,7 +33,7 @@ PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
-class Multiport(tool.Attachment):
+class Multiport(Attachment):
     """Port remapping for the processes of one cgroup (default: the cgroup v2 root)."""
 
     NAME = "multiport"
@@ -89,6 +90,14 @@ class Multiport(tool.Attachment):
         return {"cgroup": str(self.cgroup), "ports": self.ports, "allow_privileged": self.allow_privileged,
                 "mode": self.mode}
 
+    @classmethod
+    def pinned_settings(cls, pins, maps):
+        with pins.link(cls.PIN_CHECK) as bind_link:
+            group = cgroup.path_of_id(bind_link.info()["cgroup_id"])
+        return {"cgroup": group, "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed),
+                "allow_privileged": bool(maps[".rodata"][0].allow_privileged),
+                "mode": "tracepoint" if pins.has(TRACEPOINT_PROGRAMS[0]) else "cgroup"}
+
     def _attach_links(self):
         for name in self._programs():
             prog = self.obj.programs[name]
@@ -122,16 +131,15 @@ def _stats(maps):
 
 def status(pin_dir=DEFAULT_PIN_DIR):
     """What a pinned multiport is doing."""
-    pin_dir = Path(pin_dir)
-    if not Multiport.is_pinned(pin_dir):
-        return {"attached": False, "cgroup": None, "pin_dir": str(pin_dir), "ports": [], "mappings": []}
-    with Multiport.pinned_maps(pin_dir) as maps:
-        mode = "tracepoint" if (pin_dir / TRACEPOINT_PROGRAMS[0]).exists() else "cgroup"
-        return {"attached": True, "cgroup": tool.link_cgroup(pin_dir / "mp_bind4"), "pin_dir": str(pin_dir),
-                "mode": mode, "getsockname_via": {"cgroup": "cgroup getsockname4/6 hooks",
-                                                  "tracepoint": "syscall tracepoints + bpf_probe_write_user"}[mode],
-                "kernel": features.summary(), "allow_privileged": bool(maps[".rodata"][0].allow_privileged),
-                "ports": sorted(p for p, listed in maps["virtual_ports"].items() if listed), **_stats(maps)}
+    pins = Multiport.pins(pin_dir)
+    if not pins.attached():
+        return {"attached": False, "cgroup": None, "pin_dir": str(pins.path), "ports": [], "mappings": []}
+    with pins.maps() as maps:
+        settings = Multiport.pinned_settings(pins, maps)
+        return {"attached": True, "pin_dir": str(pins.path), **settings,
+                "getsockname_via": {"cgroup": "cgroup getsockname4/6 hooks",
+                                    "tracepoint": "syscall tracepoints + bpf_probe_write_user"}[settings["mode"]],
+                "kernel": features.summary(), **_stats(maps)}
 
 
 def metric_families(stats):
@@ -211,8 +219,27 @@ def exec_in_own_cgroup(args, ports, command):
     return code if code >= 0 else 128 - code
 
 
+class MultiportCommand(command.Command):
+    TOOL = Multiport
+
+    def __init__(self, args, ports):
+        super().__init__(args)
+        self.ports = ports
+
+    def make(self):
+        return Multiport(self.args.cgroup, self.ports, self.args.allow_privileged, self.args.mode)
+
+    def status(self, pins):
+        return status(pins.path)
+
+    show_status = staticmethod(show_status)
+    live_line = staticmethod(live_line)
+    metric_families = staticmethod(metric_families)
+    pinned_stats = staticmethod(_stats)
+
+
 def build_parser(prog="python -m netbpf.multiport"):
-    parser = tool.Parser(prog=prog,
+    parser = command.Parser(prog=prog,
                          description="Many processes bind the same port; each gets a free real port and "
                                      "getsockname()/getpeername() show the port it asked for.")
     parser.add_argument("command", nargs="?", default="run",
@@ -221,7 +248,7 @@ def build_parser(prog="python -m netbpf.multiport"):
                              "and pin; status; detach; serve: the service form (attach with pins or take "
                              "over a previous instance's, detach on SIGTERM); exec --port P -- CMD: run CMD "
                              "in its own cgroup")
-    tool.common_arguments(parser, DEFAULT_PIN_DIR)
+    command.common_arguments(parser, DEFAULT_PIN_DIR)
     parser.add_argument("--port", action="append", metavar="P",
                         help="a virtual port to remap (repeatable; a range P-Q; 80,443)")
     parser.add_argument("--allow-privileged", action="store_true",
@@ -234,35 +261,26 @@ def build_parser(prog="python -m netbpf.multiport"):
 
 def cli(argv=None, prog="python -m netbpf.multiport"):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = []
+    to_run = []
     if "--" in argv:
         at = argv.index("--")
-        argv, command = argv[:at], argv[at + 1:]
+        argv, to_run = argv[:at], argv[at + 1:]
     args = build_parser(prog).parse_args(argv)
-    tool.setup_logging(args.verbose)
-    ports = tool.parse_ports(args.port)
+    command.setup_logging(args.verbose)
+    ports = command.parse_ports(args.port)
     if args.command == "exec":
-        if not command:
+        if not to_run:
             raise UsageError("exec needs a command: exec --port P -- CMD [ARGS]")
-        tool.require_root()
-        return exec_in_own_cgroup(args, ports, command)
-    if command:
+        require_root()
+        return exec_in_own_cgroup(args, ports, to_run)
+    if to_run:
         raise UsageError(f"only exec takes a command after --, not {args.command}")
-
-    def make(args):
-        return Multiport(args.cgroup, ports, args.allow_privileged, args.mode)
-
-    def detach(pin_dir, args):
-        Multiport.detach_pinned(pin_dir)
-        return False
-
-    return tool.run_command(args, tool.Commands(Multiport, make, status, show_status, live_line, metric_families,
-                                                detach, pinned_stats=_stats))
+    return command.run_command(MultiportCommand(args, ports))
 
 
 def run_cli(argv, prog="python -m netbpf.multiport"):
     """The command line: its exit status (bad input: one line on stderr and 2)."""
-    return tool.main("netbpf.multiport", lambda: cli(argv, prog))
+    return command.main("netbpf.multiport", lambda: cli(argv, prog))
 
 
 def main():

@@ -176,6 +176,14 @@ class UpdateFlags(enum.IntEnum):
     EXIST = 2
 
 
+class Capability(enum.IntEnum):
+    """The capabilities loading and attaching BPF programs needs (include/uapi/linux/capability.h)."""
+    NET_ADMIN = 12
+    SYS_ADMIN = 21
+    PERFMON = 38
+    BPF = 39
+
+
 def named(enum_type, value):
     """value as a member of enum_type, or the int itself when this netbpf does not know it."""
     try:

@@ -1,0 +1,6 @@
+# SPDX-License-Identifier: MIT
+"""python -m netbpf.bypass"""
+
+from .cli import main
+
+main()
