@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from netbpf import cgroup
 from netbpf.bypass import Bypass
 from netbpf.errors import NetbpfError
+from netbpf.testing import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PINGPONG = REPO / "evaluate" / "pingpong"
@@ -234,12 +234,6 @@ class Bench:
                          lambda port: ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(port)],
                          lambda port: ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port),
                                        "-t", seconds, "-m", "1024"], parse)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port, timeout=10):

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from netbpf.multiport import Multiport
+from netbpf.testing import free_port
 
 ROUND = 200  # bind+getsockname pairs per benchmark round
 
@@ -39,12 +40,6 @@ class Worker:
     def close(self):
         os.write(self.req_w, b"q")
         os.waitpid(self.pid, 0)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("variant", ["plain", "multiport"])

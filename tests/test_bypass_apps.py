@@ -15,15 +15,10 @@ import sys
 import pytest
 
 from netbpf.cgroup import Cgroup
+from netbpf.testing import free_port
 
 from bypassutil import joined
 from conftest import run_in, sync, wait_for
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need(program):

@@ -13,17 +13,13 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from netbpf.testing import free_port
+
 from clitools import bpf_loaded, run_cli
 from conftest import run_in, wait_for
 from netutil import PATTERN, close_all, joinable_pair, recv_exactly
 
 TRAFFIC = 3 << 20
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port):

@@ -15,25 +15,12 @@ import pytest
 from netbpf import features, multiport
 from netbpf.errors import LibbpfError
 from netbpf.multiport import Multiport
+from netbpf.testing import free_port
 
 from clitools import attached_programs, run_cli, run_cli_as
 from conftest import run_in, sync
 
 SERVER = str(Path(__file__).with_name("mpserver.py"))
-
-
-def free_port():
-    """A port nothing on this host listens on (TCP and UDP), to use as the virtual port."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("0.0.0.0", port))
-                return port
-            except OSError:
-                pass
 
 
 class Servers:
@@ -87,7 +74,7 @@ def connect_and_ask(family, host, port):
 
 @pytest.fixture
 def vport():
-    return free_port()
+    return free_port(udp_too=True)
 
 
 def test_three_processes_bind_the_same_port(cg, vport, pin_dir):
@@ -219,7 +206,7 @@ def test_what_is_left_alone(cg, vport):
     """A port not in the set, a process outside the cgroup, and a socket of the cgroup bound
     before attach keep their ports; a new bind in the cgroup is remapped even though that early
     socket holds the virtual port."""
-    other = free_port()
+    other = free_port(udp_too=True)
     bound_r, bound_w = os.pipe()
     go_r, go_w = os.pipe()
 
@@ -310,7 +297,7 @@ def test_privileged_ports_need_allow_privileged(cg, pin_dir):
         assert run_in(cg, bind_port, 80) == 80
         assert mp.stats()["binds_remapped"] == 1
     # the kernel side refuses too, should the map say otherwise
-    with Multiport(str(cg.path), [free_port()]) as mp:
+    with Multiport(str(cg.path), [free_port(udp_too=True)]) as mp:
         mp.obj.maps["virtual_ports"][81] = 1
         assert run_in(cg, bind_port, 81) == 81
         assert mp.stats()["binds_privileged_refused"] == 1 and mp.mappings() == []
