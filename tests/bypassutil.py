@@ -30,7 +30,7 @@ def joined(bypass, sockets=2, timeout=20.0):
 
 def kept_plain(bypass, timeout=20.0, **reasons):
     """An on_sync for run_in: wait until the agent has judged open sockets and keeps them plain,
-    at least reasons[reason] of them for each reason (names of netbpf.bypass.REASONS)."""
+    at least reasons[reason] of them for each reason (names of netbpf.bypass.kinds.reasons)."""
 
     def wait():
         def judged():

@@ -84,16 +84,18 @@ def receive_digest(sock, seed, slow=False):
             threading.Event().wait(0.005)
 
 
-def joinable_pair(family=socket.AF_INET, host="127.0.0.1", server_host=None, timeout=30.0):
+def joinable_pair(family=socket.AF_INET, host="127.0.0.1", server_host=None, timeout=30.0, blocking=False):
     """A connected pair the bypass takes: both ends are non-blocking (a Python socket timeout
     sets O_NONBLOCK and waits in poll, as event-driven programs do), and each has read once: the
     reply is the first segment after both qualify, where the tc program joins them. Then
-    sync(): the parent may wait until the bypass joined them."""
+    sync(): the parent may wait until the bypass joined them. blocking=True: the same pair with
+    both ends left blocking (which the bypass keeps plain by default)."""
     from conftest import sync
 
     srv, cli, conn = pair(family, host, server_host)
-    cli.settimeout(timeout)
-    conn.settimeout(timeout)
+    if not blocking:
+        cli.settimeout(timeout)
+        conn.settimeout(timeout)
     cli.sendall(b"\1")
     recv_exactly(conn, 1)
     conn.sendall(b"\2")

@@ -65,19 +65,6 @@ def conform(plain_cg, cg, bypass, program, *args, expect, act=None):
     return result
 
 
-def judged_pair(blocking):
-    """joinable_pair, or the same with both ends left blocking (each has read once)."""
-    if not blocking:
-        return joinable_pair()
-    srv, cli, conn = pair()
-    cli.sendall(b"\1")
-    recv_exactly(conn, 1)
-    conn.sendall(b"\2")
-    recv_exactly(cli, 1)
-    sync()
-    return srv, cli, conn
-
-
 def raw_recv(sock, size, flags=0):
     """recv(2) itself, without Python's retry on EINTR: (return value, errno name, bytes)."""
     buf = ctypes.create_string_buffer(size)
@@ -121,7 +108,7 @@ def freeze_and_thaw(group):
 def blocking_recv_interrupted(restart=True, flags=0, blocking=True, signalled=False):
     """The main thread blocks in recv(); the parent interrupts it (signal, stop, freeze); then
     the data comes. Returns what recv() returned."""
-    srv, cli, conn = judged_pair(blocking)
+    srv, cli, conn = joinable_pair(blocking=blocking)
     if blocking:
         conn.setblocking(True)
     delivered_r, delivered_w = os.pipe()
@@ -179,7 +166,7 @@ def test_blocking_recv_interrupted_with_blocking_readers_allowed(plain_cg, cg, n
 
 
 def msg_waitall(blocking=True):
-    srv, cli, conn = judged_pair(blocking)
+    srv, cli, conn = joinable_pair(blocking=blocking)
     main = threading.get_native_id()
     cli.sendall(b"012345")
 

@@ -136,8 +136,8 @@ class Command:
 
     TOOL = None
 
-    def __init__(self, args):
-        self.args, self.prog = args, self.TOOL.NAME
+    def __init__(self, args, ports=()):
+        self.args, self.ports, self.prog = args, ports, self.TOOL.NAME  # ports: parsed from args
 
     def make(self):
         raise NotImplementedError

@@ -222,10 +222,6 @@ def exec_in_own_cgroup(args, ports, command):
 class MultiportCommand(command.Command):
     TOOL = Multiport
 
-    def __init__(self, args, ports):
-        super().__init__(args)
-        self.ports = ports
-
     def make(self):
         return Multiport(self.args.cgroup, self.ports, self.args.allow_privileged, self.args.mode)
 

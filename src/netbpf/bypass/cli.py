@@ -17,10 +17,6 @@ from .report import format_line, metric_families, show_draining, show_status, st
 class BypassCommand(command.Command):
     TOOL = Bypass
 
-    def __init__(self, args, ports):
-        super().__init__(args)
-        self.ports = ports
-
     def make(self):
         args = self.args
         return Bypass(args.cgroup, args.scope, self.ports, args.max_sockets, args.queue_floor,
