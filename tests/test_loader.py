@@ -511,3 +511,14 @@ def test_a_c_enum_reads_back_from_btf_with_the_header_s_names_and_values():
         assert state(3) is state.JOINED
         with pytest.raises(KeyError, match="no enum nothing"):
             obj.btf.enum("nothing")
+
+
+def test_misuse_raises_value_or_type_errors_and_a_missing_kernel_operation_says_so(cg):
+    with Object(built_object("globals")) as obj:
+        obj.load()
+        with pytest.raises(TypeError, match="is not a cgroup program"):
+            obj.programs["count_getsockname"].attach_cgroup(cg)
+    for err, kind in ((errno.EOPNOTSUPP, netbpf.errors.NotSupportedError), (524, netbpf.errors.NotSupportedError),
+                      (errno.EPERM, netbpf.LibbpfError)):
+        made = netbpf.errors.libbpf_error("attach", -err)
+        assert type(made) is kind and made.errno == err
