@@ -518,6 +518,9 @@ def test_misuse_raises_value_or_type_errors_and_a_missing_kernel_operation_says_
         obj.load()
         with pytest.raises(TypeError, match="is not a cgroup program"):
             obj.programs["count_getsockname"].attach_cgroup(cg)
+    with netbpf.Map.create(netbpf.types.MapType.ARRAY, 4, 4, 1, "netbpf_plain") as plain:
+        with pytest.raises(TypeError, match="opened from a pin or an id"):
+            plain.initial_value
     for err, kind in ((errno.EOPNOTSUPP, netbpf.errors.NotSupportedError), (524, netbpf.errors.NotSupportedError),
                       (errno.EPERM, netbpf.LibbpfError)):
         made = netbpf.errors.libbpf_error("attach", -err)

@@ -100,6 +100,8 @@ class Map(MutableMapping):
 
     @property
     def _ptr(self):
+        if self.object is None:
+            raise TypeError(f"map {self.name} was opened from a pin or an id: what it has is in the kernel already")
         self.object._alive(f"map {self.name}")
         return self._map
 
