@@ -38,3 +38,14 @@ def test_netbpf_with_an_unknown_tool_is_one_line_and_status_2():
     result = netbpf("bypas")
     assert result.returncode == 2 and result.stderr == "netbpf: no tool named 'bypas' (have: bypass, multiport)\n"
     assert netbpf().returncode == 2
+
+
+def test_a_reader_that_went_away_ends_the_command_without_a_traceback(pin_dir):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `status | head` once head has exited
+    try:
+        done = subprocess.run([sys.executable, "-m", "netbpf.multiport", "status", "--json", "--pin-dir",
+                               str(pin_dir)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == ""

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -99,9 +100,13 @@ def print_json(data):
 
 def main(prog, run):
     """Run a tool's CLI: bad input (UsageError, unbuilt objects) -> one line + exit 2;
-    other netbpf errors (the kernel refused something) -> one line + exit 1."""
+    other netbpf errors (the kernel refused something) -> one line + exit 1; a reader of stdout
+    that went away (`| head`) -> exit 1 without a traceback."""
     try:
         return run() or 0
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush finds no pipe
+        return 1
     except (UsageError, ObjectFileError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
