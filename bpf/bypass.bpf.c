@@ -43,6 +43,11 @@
 #include "netbpf.h"
 #include "bypass.h"
 
+/* A read-only view of a kernel object: loads through it are plain loads the JIT guards against
+ * faults, where BPF_CORE_READ calls a helper. Where the kernel lacks it (before 6.2) the
+ * program that uses it is refused and bypass_msg_read, which reads by helper, runs instead. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
 #define O_NONBLOCK 04000
 /* sk_user_data holds the psock with flag bits in its low bits (SK_USER_DATA_*) */
 #define SK_USER_DATA_PTRMASK (~7UL)
@@ -306,12 +311,18 @@ static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_in
 	return info->spliced ? REASON_SPLICED : file_unsafe(sk);
 }
 
+/* A field of a socket nothing here holds (sk_msg's peer), read directly (`direct`, a constant: each program keeps one way) or by
+ * probe read. */
+#define PEER_READ(direct, type, ptr, field)                                                         \
+	((direct) ? ((type *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(type)))->field          \
+		  : BPF_CORE_READ((type *)(ptr), field))
+
 /* Whether the owner has read anything from the socket (by recv or read: a splice would have
  * marked it spliced first, in the tracepoint that runs before the syscall). */
-static __always_inline int has_read(struct tcp_sock *tp)
+static __always_inline int has_read(void *tp, const int direct)
 {
-	__u64 received = BPF_CORE_READ(tp, bytes_received);
-	__u32 unread = BPF_CORE_READ(tp, rcv_nxt) - BPF_CORE_READ(tp, copied_seq);
+	__u64 received = PEER_READ(direct, struct tcp_sock, tp, bytes_received);
+	__u32 unread = PEER_READ(direct, struct tcp_sock, tp, rcv_nxt) - PEER_READ(direct, struct tcp_sock, tp, copied_seq);
 
 	return received > unread;
 }
@@ -891,8 +902,15 @@ int bypass_sendfile(struct trace_event_raw_sys_enter *ctx)
 
 /* --- sk_msg: every send of a socket in the map --- */
 
-static __always_inline int pass(struct bypass_counters *cnt, __u64 *reason, __u32 size)
+/* The message takes the TCP way. Its bytes join the peer's TCP queue and our write_seq moves on:
+ * the peer has to read them before anything is redirected again (`ordered`), and its queue is
+ * read again before the next redirect (`queue_budget`). */
+static __always_inline int pass(struct bypass_counters *cnt, struct sock_info *peer, __u64 *reason, __u32 size)
 {
+	if (peer) {
+		peer->ordered = 0;
+		peer->queue_budget = 0;
+	}
 	(*reason)++;
 	cnt->passed_msgs++;
 	cnt->passed_bytes += size;
@@ -927,8 +945,17 @@ static __always_inline int queue_grows(struct sock_info *peer, struct sock *psk,
 	return rmem + size <= limit;
 }
 
-SEC("sk_msg")
-int bypass_sk_msg(struct sk_msg_md *msg)
+/* Per message the program reads only what may have changed since the last one. The peer's entry
+ * (sock_info) has one writer of its send-side fields, this socket's sk_msg, which runs under
+ * this socket's lock: `reader`, `ordered`, `queue_budget`, `queue_limit` and
+ * `redirected_bytes` need no atomics, and facts that only this socket's own sends can undo are
+ * kept there instead of read again:
+ *   - `ordered`: once the peer has read all we sent the TCP way (our write_seq == its
+ *     copied_seq), that holds until we send the TCP way again (pass() clears it);
+ *   - `queue_budget`: only our sends add to the peer's queue, so after reading its size once we
+ *     may redirect up to its limit without reading it again (pass() clears it too: TCP bytes
+ *     land in the queue later). */
+static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct sock_key key = {}, peer_key = {};
@@ -940,22 +967,25 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 
 	if (!cnt)
 		return SK_PASS;
-	if (detaching())
-		return pass(cnt, &cnt->passed_detaching, size);
 	if (!msg->sk)
-		return pass(cnt, &cnt->passed_no_peer, size);
+		return pass(cnt, NULL, &cnt->passed_no_peer, size);
 	self = bpf_skc_to_tcp_sock(msg->sk);
 	if (!self)
-		return pass(cnt, &cnt->passed_no_peer, size);
+		return pass(cnt, NULL, &cnt->passed_no_peer, size);
 	FILL_KEY(&key, msg);
 	set_netns(&key, self->inet_conn.icsk_inet.sk.__sk_common.skc_net.net->ns.inum);
 	peer_of(&key, &peer_key);
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	if (!peer || peer->state != STATE_JOINED)
-		return pass(cnt, &cnt->passed_no_peer, size);
+	if (!peer)
+		return pass(cnt, NULL, &cnt->passed_no_peer, size);
+	if (detaching())
+		return pass(cnt, peer, &cnt->passed_detaching, size);
+	if (peer->state != STATE_JOINED)
+		return pass(cnt, peer, &cnt->passed_no_peer, size);
 	/* The peer's entry holds no reference on its socket, and may outlive it by up to a round
 	 * (the sweep drops entries of closed sockets). Following psk is still safe: every read
-	 * through it is a probe read (BPF_CORE_READ), which cannot fault, and the redirect goes
+	 * through it is a probe read (BPF_CORE_READ, or a load through bpf_rdonly_cast, which the
+	 * JIT guards), which cannot fault, and the redirect goes
 	 * through the sockhash, which holds a reference on each socket in it and drops a closed
 	 * one before it is freed. A socket joins the sockhash only through an entry of its own,
 	 * made for it, so a stale entry means that no socket holds peer_key there: a check may
@@ -966,34 +996,54 @@ int bypass_sk_msg(struct sk_msg_md *msg)
 	 * never see it. The splice tracepoint marks the socket before that read, so "has read"
 	 * is looked at before "spliced". */
 	if (!peer->reader) {
-		if (!has_read((struct tcp_sock *)psk))
-			return pass(cnt, &cnt->passed_not_reading, size);
+		if (!has_read(psk, direct))
+			return pass(cnt, peer, &cnt->passed_not_reading, size);
 		peer->reader = 1;
 	}
 	asm volatile("" ::: "memory");
 	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
 	 * peers must get nothing more from now on (splice never sees it; poll would report it). */
-	if (peer->spliced || BPF_CORE_READ(psk, sk_rcvlowat) > 1)
-		return pass(cnt, &cnt->passed_peer_unsafe, size);
+	if (peer->spliced || PEER_READ(direct, struct sock, psk, sk_rcvlowat) > 1)
+		return pass(cnt, peer, &cnt->passed_peer_unsafe, size);
 
 	/* After shutdown(SHUT_WR) TCP fails the send with EPIPE, and the kernel's redirect would
 	 * deliver it (past the end of the stream once the peer has read the FIN). */
 	if (self->inet_conn.icsk_inet.sk.sk_shutdown & SEND_SHUTDOWN)
-		return pass(cnt, &cnt->passed_shut_down, size);
-	if (self->write_seq != BPF_CORE_READ((struct tcp_sock *)psk, copied_seq))
-		return pass(cnt, &cnt->passed_unread_plain, size);
+		return pass(cnt, peer, &cnt->passed_shut_down, size);
+	if (!peer->ordered) {
+		if (self->write_seq != PEER_READ(direct, struct tcp_sock, psk, copied_seq))
+			return pass(cnt, peer, &cnt->passed_unread_plain, size);
+		peer->ordered = 1;
+	}
 
-	rmem = BPF_CORE_READ(psk, sk_backlog.rmem_alloc.counter);
-	if (rmem + size > peer->queue_limit && !queue_grows(peer, psk, &self->inet_conn.icsk_inet.sk, rmem, size))
-		return pass(cnt, &cnt->passed_peer_full, size);
+	if (size > peer->queue_budget) {
+		rmem = PEER_READ(direct, struct sock, psk, sk_backlog.rmem_alloc.counter);
+		if (rmem + size > peer->queue_limit &&
+		    !queue_grows(peer, psk, &self->inet_conn.icsk_inet.sk, rmem, size))
+			return pass(cnt, peer, &cnt->passed_peer_full, size);
+		peer->queue_budget = peer->queue_limit - rmem; /* at least size: checked above */
+	}
 
 	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
 	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_key, BPF_F_INGRESS) != SK_PASS)
-		return pass(cnt, &cnt->redirect_failed, size);
-	__sync_fetch_and_add(&peer->redirected_bytes, size);
+		return pass(cnt, peer, &cnt->redirect_failed, size);
+	peer->queue_budget -= size;
+	peer->redirected_bytes += size;
 	cnt->redirected_msgs++;
 	cnt->redirected_bytes += size;
 	return SK_PASS;
+}
+
+SEC("sk_msg")
+int bypass_sk_msg(struct sk_msg_md *msg)
+{
+	return redirect_msg(msg, 1);
+}
+
+SEC("sk_msg")
+int bypass_msg_read(struct sk_msg_md *msg)
+{
+	return redirect_msg(msg, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -70,7 +70,7 @@ struct sock_info {
 	__u64 inode;             /* its socket inode ("socket:[N]" in /proc/PID/fd): status finds the owner */
 	__u64 consumed_mark;     /* redirected bytes it had read when queue_limit last grew */
 	__u32 queue_limit;       /* bytes it may have queued before sends to it take TCP (0: not set yet) */
-	__u32 _pad;
+	__u32 queue_budget;      /* bytes its peer may still redirect into it before reading its queue again */
 	enum sock_state state;
 	enum plain_reason reason;
 	__u32 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
@@ -78,6 +78,7 @@ struct sock_info {
 	__u16 service_port;      /* the server end's port: a spliced service stays plain */
 	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
 	__u8 reader;             /* its owner has read from it, not by splice: redirects may go in */
+	__u8 ordered;            /* it has read all its peer sent the TCP way, and the peer sent none since */
 };
 
 enum bypass_scope {

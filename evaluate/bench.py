@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 from netbpf import cgroup
-from netbpf.bypass import Bypass
+from netbpf.bypass import SEND, Bypass
 from netbpf.errors import NetbpfError
+from netbpf.loader import RunStats
 from netbpf.testing import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,17 +65,24 @@ class Bench:
         self.reps, self.quick = reps, quick
         self.plain = cgroup.Cgroup.create(f"netbpf-bench-plain-{os.getpid()}")
         self.bypassed = cgroup.Cgroup.create(f"netbpf-bench-bypass-{os.getpid()}")
+        self.bypass = self.run_stats = None
         try:
             self.bypass = Bypass(str(self.bypassed.path)).attach()
+            # the kernel counts the sk_msg program's run time while this is open (and no longer)
+            self.run_stats = RunStats()
         except BaseException:
+            if self.bypass:
+                self.bypass.close()
             self.plain.remove()
             self.bypassed.remove()
             raise
+        self.sk_msg = self.bypass.obj.programs[self.bypass.chosen[SEND.job].program]
         self.workdir = Path(tempfile.mkdtemp(prefix="netbpf-bench-"))
         self.done = 0
         self.total = 0
 
     def close(self):
+        self.run_stats.close()
         self.bypass.close()
         self.plain.remove()
         self.bypassed.remove()
@@ -97,12 +105,18 @@ class Bench:
         return json.loads(out)
 
     def interleaved(self, label, run):
-        """run(variant) -> dict of metrics; returns {variant: [result per repetition]}."""
+        """run(variant) -> dict of metrics; returns {variant: [result per repetition]}. A bypass
+        run's result gains sk_msg_ns: what the sk_msg program cost per message it ran on."""
         results = {v: [] for v in VARIANTS}
         for rep in range(self.reps):
             for variant in VARIANTS:
                 self.progress(f"{label} {variant} rep {rep + 1}")
-                results[variant].append(run(variant))
+                before = self.sk_msg.run_stats
+                result = run(variant)
+                ns, runs = (now - then for now, then in zip(self.sk_msg.run_stats, before))
+                if variant == "bypass" and runs and result is not None:
+                    result = dict(result, sk_msg_ns=ns / runs)
+                results[variant].append(result)
         return results
 
     # --- experiments ---
@@ -258,6 +272,14 @@ def summarize(results, metric):
     return out
 
 
+def measured(results, metric, **keys):
+    """A table entry: the summary of one metric, its ratios, and the sk_msg program's cost per
+    message in the bypass runs (ns; None where it ran on no message)."""
+    summary = summarize(results, metric)
+    return dict(keys, metric=metric, summary=summary, ratios=ratios(summary),
+                sk_msg_ns=summarize(results, "sk_msg_ns").get("bypass"))
+
+
 def ratios(summary):
     med = {v: s["median"] for v, s in summary.items()}
     out = {}
@@ -295,32 +317,23 @@ def run_all(args):
         for size, placement, io in runs:
             res = bench.latency(size, placement, io=io)
             for metric in ("p50_us", "p99_us", "mean_us"):
-                summary = summarize(res, metric)
-                report["latency"].append({"size": size, "placement": placement, "io": io, "metric": metric,
-                                          "summary": summary, "ratios": ratios(summary)})
+                report["latency"].append(measured(res, metric, size=size, placement=placement, io=io))
         for conns in concurrency[1:] if "concurrency" in wanted else ():
             res = bench.latency(1024, "any", conns)
             for metric in ("requests_per_s", "p50_us", "p99_us"):
-                summary = summarize(res, metric)
-                report["concurrency"].append({"connections": conns, "metric": metric, "summary": summary,
-                                              "ratios": ratios(summary)})
+                report["concurrency"].append(measured(res, metric, connections=conns))
         for placement in placements if "stream" in wanted else ():
-            summary = summarize(bench.stream(65536, placement), "mbytes_per_s")
-            report["stream"].append({"size": 65536, "placement": placement, "summary": summary,
-                                     "ratios": ratios(summary)})
+            report["stream"].append(measured(bench.stream(65536, placement), "mbytes_per_s", size=65536,
+                                             placement=placement))
         for placement in ("same", "any") if "short" in wanted else ():
-            summary = summarize(bench.short(placement), "requests_per_s")
-            report["short"].append({"size": 64, "placement": placement, "summary": summary,
-                                    "ratios": ratios(summary)})
+            report["short"].append(measured(bench.short(placement), "requests_per_s", size=64, placement=placement))
         for lifetime in LIFETIMES if "lived" in wanted else ():
             res = bench.lived(lifetime)
-            summary = summarize(res, "requests_per_s")
-            report["lived"].append({"lifetime_s": lifetime, "summary": summary, "ratios": ratios(summary),
-                                    "redirected_share": summarize(res, "redirected_share").get("bypass")})
+            report["lived"].append(measured(res, "requests_per_s", lifetime_s=lifetime,
+                                            redirected_share=summarize(res, "redirected_share").get("bypass")))
         redis = bench.redis() if "redis" in wanted else None
         if redis:
-            report["redis"] = [{"test": t, "summary": summarize(redis, t), "ratios": ratios(summarize(redis, t))}
-                               for t in ("SET", "GET")]
+            report["redis"] = [measured(redis, t, test=t) for t in ("SET", "GET")]
         report["peers"] = []
         peers = (("nginx + wrk req/s", "requests_per_s", bench.nginx),
                  ("iperf3 Gbit/s", "gbit_per_s", bench.iperf3),
@@ -328,8 +341,7 @@ def run_all(args):
         for name, metric, run in peers if "peers" in wanted else ():
             results = run()
             if results:
-                summary = summarize(results, metric)
-                report["peers"].append({"test": name, "summary": summary, "ratios": ratios(summary)})
+                report["peers"].append(measured(results, metric, test=name))
         report["bypass_counters"] = bench.bypass.stats()
     finally:
         bench.close()
@@ -341,11 +353,11 @@ def markdown(report):
     m = report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, kernel {m['kernel']}, {m['date']}; "
              f"medians of {report['reps']} interleaved repetitions (min-max in brackets).", "",
-             "| test | size | placement | plain | bypass | AF_UNIX | bypass/plain | bypass/unix |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| test | size | placement | plain | bypass | AF_UNIX | bypass/plain | bypass/unix | sk_msg ns/msg |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(s):
-        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
+    def cell(s, digits=1):
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]" if s else "-"
 
     def ratio(r, name):
         return f"{r[name]:.2f}" if name in r else "-"
@@ -353,7 +365,8 @@ def markdown(report):
     def row(test, size, placement, entry):
         s, r = entry["summary"], entry["ratios"]
         lines.append(f"| {test} | {size} | {placement} | {cell(s.get('plain'))} | {cell(s.get('bypass'))} | "
-                     f"{cell(s.get('unix'))} | {ratio(r, 'bypass/plain')} | {ratio(r, 'bypass/unix')} |")
+                     f"{cell(s.get('unix'))} | {ratio(r, 'bypass/plain')} | {ratio(r, 'bypass/unix')} | "
+                     f"{cell(entry.get('sk_msg_ns'), 0)} |")
 
     for e in report["latency"]:
         if e["metric"] in ("p50_us", "p99_us"):
@@ -381,7 +394,7 @@ def markdown(report):
     join = report.get("join")
     if join:
         lines += ["", f"Joining: {'tc on lo (' + join['tc_attach'] + ') and ' if join['event'] else ''}"
-                      f"the {join['sweep']} sweep"
+                      f"the {join['sweep']} sweep; {join['sk_msg']} sends"
                   + "".join(f"; {name} not in use ({why})" for name, why in sorted(join["refused"].items())) + "."]
     return "\n".join(lines) + "\n"
 

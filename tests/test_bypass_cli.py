@@ -67,6 +67,7 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
     assert info["redirected_msgs"] >= 1 and info["redirected_bytes"] >= 18
     assert info["passed_msgs"] == info["passed_not_reading"] <= 1 and info["sockets_inserted"] == 2
     assert info["join"]["sweep"] in ("iter/task_file", "iter/tcp") and info["join"]["event"] in ("tc", None)
+    assert info["join"]["sk_msg"] in ("sk_msg/direct", "sk_msg/probe-read")
     assert info["ports"] == list(range(1, 65536)) and info["sk_msg_attach"] in ("bpf_link", "prog_attach")
     assert wait_for(lambda: json.loads(run_cli("bypass", "status", "--json", "--pin-dir", pins).stdout)["sockets"] == 0)
     text = run_cli("bypass", "status", "--pin-dir", pins)

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_bench_writes_tables_and_plots(tmp_path):
+    stats_switch = Path("/proc/sys/kernel/bpf_stats_enabled")
+    stats_before = stats_switch.read_text()
     result = subprocess.run([sys.executable, "-m", "evaluate.bench", "--quick", "--reps", "1", "--only", "latency",
                              "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -23,4 +25,7 @@ def test_bench_writes_tables_and_plots(tmp_path):
     table = (tmp_path / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| RTT")]
     assert rows and not any("nan" in row.lower() for row in rows)
+    # every event-driven round trip was redirected: the sk_msg program's cost is in the last column
+    assert all(float(row.rstrip(" |").rsplit("|", 1)[1].split()[0]) > 0 for row in rows), rows
+    assert stats_switch.read_text() == stats_before  # the run-time statistics are off again
     assert json.loads((tmp_path / "results.json").read_text())

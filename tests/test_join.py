@@ -13,7 +13,7 @@ import time
 import pytest
 
 from netbpf import mechanisms, netns
-from netbpf.bypass import SWEEP
+from netbpf.bypass import SEND, SWEEP
 
 from bypassutil import attached, joined
 from clitools import bpf_loaded, run_cli
@@ -34,6 +34,22 @@ def test_the_bypass_loads_on_this_kernel_and_says_how_sockets_join(bypass):
     if "tc" not in REFUSED:
         assert join["event"] == "tc" and join["tc_attach"] in ("tcx", "tc_filter"), join
     assert bypass.feature_notes()[0].startswith("sockets join ")
+
+
+def kernel_has_function(name):
+    with open("/proc/kallsyms") as symbols:
+        return any(line.split()[2] == name for line in symbols)
+
+
+def test_the_send_program_reads_its_peer_directly_where_the_kernel_can(bypass):
+    """bypass_sk_msg loads its peer's fields through bpf_rdonly_cast(); a kernel without that
+    kfunc refuses it and gets bypass_msg_read, which reads them by helper."""
+    join = bypass.mechanisms()
+    assert join["sk_msg"] in {alt.name for alt in SEND.alternatives} - REFUSED, join
+    if "sk_msg/direct" not in REFUSED and kernel_has_function("bpf_rdonly_cast"):
+        assert join["sk_msg"] == "sk_msg/direct", join["refused"]
+    assert bypass.links["sk_msg"].info()["prog_id"] == bypass.obj.programs[
+        next(alt.program for alt in SEND.alternatives if alt.name == join["sk_msg"])].id
 
 
 def test_where_no_sweep_loads_attach_is_one_line_exit_2_and_leaves_nothing(cg, pin_dir):

@@ -91,6 +91,7 @@ ffi.cdef(
     int bpf_obj_pin(int fd, const char *pathname);
     int bpf_obj_get(const char *pathname);
     int bpf_obj_get_info_by_fd(int fd, void *info, uint32_t *info_len);
+    int bpf_enable_stats(int type);   /* BPF_STATS_RUN_TIME = 0: on while the returned fd is open */
     int bpf_prog_get_fd_by_id(uint32_t id);
     int bpf_prog_get_next_id(uint32_t start_id, uint32_t *next_id);
     int bpf_map_get_fd_by_id(uint32_t id);
@@ -109,6 +110,13 @@ ffi.cdef(
         uint32_t jited_prog_len; uint32_t xlated_prog_len;
         uint64_t jited_prog_insns; uint64_t xlated_prog_insns; uint64_t load_time;
         uint32_t created_by_uid; uint32_t nr_map_ids; uint64_t map_ids; char name[16];
+        uint32_t ifindex; uint32_t gpl_compatible; uint64_t netns_dev; uint64_t netns_ino;
+        uint32_t nr_jited_ksyms; uint32_t nr_jited_func_lens; uint64_t jited_ksyms; uint64_t jited_func_lens;
+        uint32_t btf_id; uint32_t func_info_rec_size; uint64_t func_info;
+        uint32_t nr_func_info; uint32_t nr_line_info; uint64_t line_info; uint64_t jited_line_info;
+        uint32_t nr_jited_line_info; uint32_t line_info_rec_size; uint32_t jited_line_info_rec_size;
+        uint32_t nr_prog_tags; uint64_t prog_tags;
+        uint64_t run_time_ns; uint64_t run_cnt;   /* counted while statistics are enabled */
     };
     struct bpf_map_info {
         uint32_t type; uint32_t id; uint32_t key_size; uint32_t value_size;

@@ -25,7 +25,7 @@ from .addresses import host_addresses
 from .agent import agent_running
 from .attachment import Bypass, status
 from .cli import build_parser, main, run_cli
-from .constants import DEFAULT_PIN_DIR, JOIN_INTERVAL, SWEEP, kinds
+from .constants import DEFAULT_PIN_DIR, JOIN_INTERVAL, SEND, SWEEP, kinds
 
 __all__ = ["Bypass", "status", "host_addresses", "agent_running", "build_parser", "run_cli", "main",
-           "DEFAULT_PIN_DIR", "JOIN_INTERVAL", "SWEEP", "kinds"]
+           "DEFAULT_PIN_DIR", "JOIN_INTERVAL", "SEND", "SWEEP", "kinds"]

@@ -13,7 +13,7 @@ from ..types import AttachType
 from .addresses import refresh_host_addrs
 from .agent import agent_running, pinned_mechanisms, pinned_sweep, stop_agent
 from .constants import (CHOICES, DEFAULT_PIN_DIR, DEFAULT_QUEUE_FLOOR, DRAIN_TIMEOUT, EVENT_JOIN, MAPS,
-                        MECHANISMS_PIN, NAME, SCOPES, SWEEP)
+                        MECHANISMS_PIN, NAME, SCOPES, SEND, SWEEP)
 from .join import Round, Sweep, agent_step, drain, run_paced
 from .report import connections, join_lines, stats
 
@@ -85,7 +85,7 @@ class Bypass(Attachment):
         tc = self.links.get("tc")
         return {"event": "tc" if tc else None, "tc_attach": tc.info()["type"] if tc else None,
                 "sweep": self.chosen[SWEEP.job].name, "refused": dict(self.refused),
-                "sk_msg_attach": self.links["sk_msg"].kind}
+                "sk_msg": self.chosen[SEND.job].name, "sk_msg_attach": self.links["sk_msg"].kind}
 
     def feature_notes(self):
         return join_lines(self.mechanisms())
@@ -95,7 +95,7 @@ class Bypass(Attachment):
         # splice readers are marked before the first socket can join
         yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
         yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
-        yield "sk_msg", lambda: progs["bypass_sk_msg"].attach_sockmap(maps["sock_map"], self.sk_msg_link)
+        yield "sk_msg", lambda: progs[self.chosen[SEND.job].program].attach_sockmap(maps["sock_map"], self.sk_msg_link)
         yield "sweep", lambda: progs[self.chosen[SWEEP.job].program].attach_iter()
         if self.chosen[EVENT_JOIN.job]:
             yield "tc", self._attach_tc

@@ -25,7 +25,10 @@ DRAIN_TIMEOUT = 10.0       # how long detach waits for readers to take their red
 EVENT_JOIN = Choice("event join", (Alternative("tc", "bypass_join_tc"),), required=False)
 SWEEP = Choice("sweep", (Alternative("iter/task_file", "bypass_sweep_files"),
                          Alternative("iter/tcp", "bypass_sweep_tcp")))
-CHOICES = (EVENT_JOIN, SWEEP)
+# The send program: it reads its peer's socket directly (bpf_rdonly_cast, 6.2+) or by helper.
+SEND = Choice("send", (Alternative("sk_msg/direct", "bypass_sk_msg"),
+                       Alternative("sk_msg/probe-read", "bypass_msg_read")))
+CHOICES = (EVENT_JOIN, SWEEP, SEND)
 MECHANISMS_PIN = "mechanisms"  # a symlink beside the pins whose target is the JSON of mechanisms()
 
 

@@ -15,7 +15,7 @@ object are views of it: once the object is closed they raise instead of touching
 """
 
 from ..types import UpdateFlags
-from .kernel import loaded_programs, programs_on_cgroup
+from .kernel import RunStats, loaded_programs, programs_on_cgroup
 from .link import Link, ProgAttachment
 from .map import Map
 from .object import Globals, Object
@@ -25,4 +25,4 @@ from .tc import TcFilter
 ANY, NOEXIST, EXIST = UpdateFlags.ANY, UpdateFlags.NOEXIST, UpdateFlags.EXIST
 
 __all__ = ["Object", "Globals", "Program", "Map", "Link", "ProgAttachment", "TcFilter", "ANY", "NOEXIST",
-           "EXIST", "loaded_programs", "programs_on_cgroup"]
+           "EXIST", "RunStats", "loaded_programs", "programs_on_cgroup"]

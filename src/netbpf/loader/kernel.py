@@ -4,7 +4,7 @@
 import errno
 import os
 
-from ..errors import LibbpfError, check
+from ..errors import LibbpfError, check, libbpf_error
 from ..libbpf import ffi, lib
 
 
@@ -22,6 +22,33 @@ def obj_info(fd, ctype):
     size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
     check(lib.bpf_obj_get_info_by_fd(fd, info, size), f"read {ctype}")
     return info
+
+
+class RunStats:
+    """The kernel counting each program's runs and run time (kernel.bpf_stats_enabled) while open:
+    the count stops when this closes, or when the process that opened it ends."""
+
+    def __init__(self):
+        self.fd = lib.bpf_enable_stats(0)  # BPF_STATS_RUN_TIME
+        if self.fd < 0:
+            raise libbpf_error("enable BPF run statistics", ffi.errno or errno.EPERM)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_stats(fd):
+    """(run_time_ns, run_cnt) of program fd: what it cost while RunStats was on."""
+    info = obj_info(fd, "bpf_prog_info")
+    return info.run_time_ns, info.run_cnt
 
 
 def prog_name(fd):

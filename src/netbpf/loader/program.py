@@ -8,7 +8,7 @@ from ..errors import LibbpfError, NotSupportedError, check, check_ptr, libbpf_er
 from ..libbpf import ffi, has, lib
 from ..mounts import ensure_tracefs
 from ..types import CGROUP_PROG_TYPES, AttachType, ProgType, named
-from .kernel import obj_info
+from .kernel import obj_info, run_stats
 from .link import Link, ProgAttachment
 from .tc import TcFilter
 
@@ -51,6 +51,12 @@ class Program:
     @property
     def id(self):
         return obj_info(self.fd, "bpf_prog_info").id
+
+    @property
+    def run_stats(self):
+        """(run_time_ns, run_cnt): the kernel's count of this program's runs while a RunStats
+        was open (both only grow)."""
+        return run_stats(self.fd)
 
     def pin(self, path):
         check(lib.bpf_obj_pin(self.fd, str(path).encode()), f"pin program {self.name} at {path}")
