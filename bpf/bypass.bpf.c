@@ -311,8 +311,8 @@ static __always_inline __u32 reader_unsafe(struct sock *sk, const struct sock_in
 	return info->spliced ? REASON_SPLICED : file_unsafe(sk);
 }
 
-/* A field of a socket nothing here holds (sk_msg's peer), read directly (`direct`, a constant: each program keeps one way) or by
- * probe read. */
+/* A field of a socket nothing here holds a reference on (sk_msg's peer): read directly
+ * (`direct`, a constant: each program keeps one way) or by probe read. */
 #define PEER_READ(direct, type, ptr, field)                                                         \
 	((direct) ? ((type *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(type)))->field          \
 		  : BPF_CORE_READ((type *)(ptr), field))
@@ -985,8 +985,7 @@ static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 	/* The peer's entry holds no reference on its socket, and may outlive it by up to a round
 	 * (the sweep drops entries of closed sockets). Following psk is still safe: every read
 	 * through it is a probe read (BPF_CORE_READ, or a load through bpf_rdonly_cast, which the
-	 * JIT guards), which cannot fault, and the redirect goes
-	 * through the sockhash, which holds a reference on each socket in it and drops a closed
+	 * JIT guards), which cannot fault, and the redirect goes through the sockhash, which holds a reference on each socket in it and drops a closed
 	 * one before it is freed. A socket joins the sockhash only through an entry of its own,
 	 * made for it, so a stale entry means that no socket holds peer_key there: a check may
 	 * read garbage, and the redirect then fails and the message goes the TCP way. */
