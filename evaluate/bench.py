@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from netbpf import cgroup
-from netbpf.bypass import SEND, Bypass
+from netbpf.bypass import Bypass
 from netbpf.errors import NetbpfError
 from netbpf.loader import RunStats
 from netbpf.testing import free_port
@@ -76,7 +76,7 @@ class Bench:
             self.plain.remove()
             self.bypassed.remove()
             raise
-        self.sk_msg = self.bypass.obj.programs[self.bypass.chosen[SEND.job].program]
+        self.sk_msg = self.bypass.send_program
         self.workdir = Path(tempfile.mkdtemp(prefix="netbpf-bench-"))
         self.done = 0
         self.total = 0

@@ -48,8 +48,9 @@ def test_the_send_program_reads_its_peer_directly_where_the_kernel_can(bypass):
     assert join["sk_msg"] in {alt.name for alt in SEND.alternatives} - REFUSED, join
     if "sk_msg/direct" not in REFUSED and kernel_has_function("bpf_rdonly_cast"):
         assert join["sk_msg"] == "sk_msg/direct", join["refused"]
-    assert bypass.links["sk_msg"].info()["prog_id"] == bypass.obj.programs[
-        next(alt.program for alt in SEND.alternatives if alt.name == join["sk_msg"])].id
+    in_use = next(alt.program for alt in SEND.alternatives if alt.name == join["sk_msg"])
+    assert bypass.send_program.name == in_use
+    assert bypass.links["sk_msg"].info()["prog_id"] == bypass.send_program.id
 
 
 def test_where_no_sweep_loads_attach_is_one_line_exit_2_and_leaves_nothing(cg, pin_dir):

@@ -87,6 +87,11 @@ class Bypass(Attachment):
                 "sweep": self.chosen[SWEEP.job].name, "refused": dict(self.refused),
                 "sk_msg": self.chosen[SEND.job].name, "sk_msg_attach": self.links["sk_msg"].kind}
 
+    @property
+    def send_program(self):
+        """The loaded sk_msg program the verifier took (SEND)."""
+        return self.obj.programs[self.chosen[SEND.job].program]
+
     def feature_notes(self):
         return join_lines(self.mechanisms())
 
@@ -95,7 +100,7 @@ class Bypass(Attachment):
         # splice readers are marked before the first socket can join
         yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
         yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
-        yield "sk_msg", lambda: progs[self.chosen[SEND.job].program].attach_sockmap(maps["sock_map"], self.sk_msg_link)
+        yield "sk_msg", lambda: self.send_program.attach_sockmap(maps["sock_map"], self.sk_msg_link)
         yield "sweep", lambda: progs[self.chosen[SWEEP.job].program].attach_iter()
         if self.chosen[EVENT_JOIN.job]:
             yield "tc", self._attach_tc
