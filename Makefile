@@ -6,7 +6,8 @@
 #   make evaluate   run the latency experiment and the benchmark driver
 #   make bench      pytest-benchmark: loader cycle, multiport bind+getsockname
 #   make vmtest     the tests on Debian's 6.1 kernel under QEMU (VM=6.12: Debian's 6.12; KERNEL=image: another)
-#   make kernel     Debian's 6.1 with kernel/patches, for make vmtest KERNEL=...
+#   make kernel     Debian's 6.1 (KVER=6.12: 6.12) with kernel/patches/KVER, for make vmtest KERNEL=...
+#   make selftests  the 6.12 series' BPF selftests in a VM (KVER=6.12; KERNEL=image, else Debian's)
 #   make clean      remove build output
 #   V=1             show the commands
 
@@ -32,7 +33,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: all deps check-tools test evaluate bench vmtest kernel clean
+.PHONY: all deps check-tools test evaluate bench vmtest kernel selftests clean
 
 # --- vendored libbpf (git submodule external/libbpf), used when its sources are present ---
 LIBBPF_SRC := external/libbpf/src
@@ -117,9 +118,15 @@ bench: all
 vmtest: all
 	VM_KERNEL=$(KERNEL) VM_SERIES=$(VM) tests/vm/run.sh
 
-# Debian's 6.1 source with kernel/patches, for `make vmtest KERNEL=...` (about half an hour)
+# Debian's source of series KVER with kernel/patches/KVER, for `make vmtest KERNEL=...` (about half an hour)
+KVER ?= 6.1
 kernel:
-	kernel/build.sh
+	KVER=$(KVER) kernel/build.sh
+
+# The series' BPF selftests (test_progs holding only them; make kernel's tree carries them), run
+# under QEMU on KERNEL, or on Debian's unpatched image of the series: make selftests KVER=6.12
+selftests:
+	VM_COMMAND="$$(KVER=$(KVER) kernel/selftests.sh)" VM_KERNEL=$(KERNEL) VM_SERIES=$(KVER) tests/vm/run.sh
 
 clean:
 	rm -rf $(BUILD) $(PKG_BPF) $(EVAL_BINS)
