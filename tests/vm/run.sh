@@ -8,6 +8,7 @@
 #   VM_KERNEL=IMAGE    any other kernel image (make kernel's)
 #   VM_TESTS           the test files (default: tests, all of them)
 #   PYTEST_ARGS, NETBPF_REFUSE   passed to the tests in the guest
+#   VM_COMMAND         a command to run in the guest instead of the tests (make selftests)
 # Prints the kernel and the pytest summary; exits non-zero when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,12 +33,14 @@ command -v vng >/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 "$python" -m pip instal
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 started=$(date +%s)
-# The guest writes the exit status of pytest where the host can read it: a file in /tmp would
+# The guest writes the exit status of the tests where the host can read it: a file in /tmp would
 # stay inside the guest, so it goes to the console and is picked out of the log.
+tests="$python -m pytest -p no:cacheprovider -q -m 'not slow' --benchmark-disable -rsxX --durations=5 ${PYTEST_ARGS:-} ${VM_TESTS:-tests}"
+command=${VM_COMMAND:-$tests}
 vng --disable-kvm -r "$kernel" --cpus 2 --memory 4G --exec \
     "cd $repo && echo \"vm kernel: \$(uname -r), lockdown: \$(cat /sys/kernel/security/lockdown 2>/dev/null)\" && \
-     NETBPF_REFUSE='${NETBPF_REFUSE:-}' $python -m pytest -p no:cacheprovider -q -m 'not slow' --benchmark-disable -rsxX --durations=5 ${PYTEST_ARGS:-} ${VM_TESTS:-tests}; \
-     echo \"vm pytest exit status: \$?\"" 2>&1 | tee "$log"
+     NETBPF_REFUSE='${NETBPF_REFUSE:-}' $command; \
+     echo \"vm exit status: \$?\"" 2>&1 | tee "$log"
 echo "vm run time: $(( $(date +%s) - started )) s"
-status=$(sed -n 's/^vm pytest exit status: \([0-9]*\).*/\1/p' "$log" | tail -n 1)
+status=$(sed -n 's/^vm exit status: \([0-9]*\).*/\1/p' "$log" | tail -n 1)
 [ "$status" = 0 ] || { echo "vmtest: tests failed in the VM (status ${status:-unknown})" >&2; exit 1; }
