@@ -126,7 +126,8 @@ kernel:
 # The series' BPF selftests (test_progs holding only them; make kernel's tree carries them), run
 # under QEMU on KERNEL, or on Debian's unpatched image of the series: make selftests KVER=6.12
 selftests:
-	VM_COMMAND="$$(KVER=$(KVER) kernel/selftests.sh)" VM_KERNEL=$(KERNEL) VM_SERIES=$(KVER) tests/vm/run.sh
+	test_progs=$$(KVER=$(KVER) kernel/selftests.sh) && \
+	VM_COMMAND="$$test_progs" VM_KERNEL=$(KERNEL) VM_SERIES=$(KVER) tests/vm/run.sh
 
 clean:
 	rm -rf $(BUILD) $(PKG_BPF) $(EVAL_BINS)

@@ -6,8 +6,8 @@
 # bpftool (for the skeletons), the tests' BPF objects with clang, and test_progs.c with its
 # helpers and a tests.h that lists the series' prog_tests. The selftests Makefile would build
 # every one of its several hundred BPF programs first; the result is the same runner, with the
-# same flags, minus the tests the series does not touch. Prints the path of test_progs; run it
-# inside the kernel under test (`tests/vm/selftests.sh`).
+# same flags, minus the tests the series does not touch. Prints the path of test_progs, which
+# `make selftests` runs inside the kernel under test (tests/vm/run.sh, VM_COMMAND).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kver=${KVER:-6.12}
@@ -32,7 +32,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 out=$PWD/build/selftests-$kver
-mkdir -p "$out/include" "$out/libbpf" "$out/bpftool"
+mkdir -p "$out/include" "$out/libbpf" "$out/bpftool" "$out/prog_tests"
 make -s -C "$src/tools/lib/bpf" OUTPUT="$out/libbpf/" DESTDIR="$out" prefix= \
     "$out/libbpf/libbpf.a" install_headers >&2
 make -s -C "$src/tools/bpf/bpftool" OUTPUT="$out/bpftool/" bootstrap >&2
@@ -51,10 +51,9 @@ done
     for test in "${tests[@]}"; do
         sed -n -E 's/^void (serial_)?test_([a-zA-Z0-9_]+)\((void)?\).*/DEFINE_TEST(\2)/p' "prog_tests/$test.c"
     done | sort
-} > "$out/tests.h"
-mkdir -p "$out/prog_tests" && cp "$out/tests.h" "$out/prog_tests/tests.h"
+} > "$out/prog_tests/tests.h"
 
-# test_progs.c includes "prog_tests/tests.h": the one written above comes first on the path.
+# test_progs.c includes <prog_tests/tests.h>: the one written above comes first on the path.
 sources=(test_progs.c cgroup_helpers.c trace_helpers.c network_helpers.c testing_helpers.c
          btf_helpers.c cap_helpers.c unpriv_helpers.c netlink_helpers.c jit_disasm_helpers.c
          test_loader.c xsk.c disasm_helpers.c json_writer.c "$src/kernel/bpf/disasm.c")
