@@ -666,13 +666,13 @@ int bypass_join_tc(struct __sk_buff *skb)
 	size = tuple_of(skb, &tuple);
 	if (!size)
 		return TC_ACT_UNSPEC;
-	receiver = bpf_sk_lookup_tcp(skb, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	receiver = bpf_sk_lookup_tcp(skb, &tuple, size, CURRENT_NETNS, 0);
 	if (!receiver)
 		return TC_ACT_UNSPEC;
 	tp = receiver->state == TCP_ESTABLISHED ? bpf_skc_to_tcp_sock(receiver) : NULL;
 	if (tp && in_cgroup((struct sock *)tp, cgroup_id)) {
 		reverse(&tuple, size);
-		sender = bpf_sk_lookup_tcp(skb, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+		sender = bpf_sk_lookup_tcp(skb, &tuple, size, CURRENT_NETNS, 0);
 		if (sender) {
 			if (sender->state == TCP_ESTABLISHED)
 				join_pair(receiver, (struct sock *)tp, sender, ctl, cnt);

@@ -14,6 +14,10 @@
 
 #define EEXIST 17
 
+/* uapi/linux/bpf.h's value. vmlinux.h holds only the enums some compilation unit of the kernel
+ * used, and a small kernel's BTF (make kernel) lacks this one */
+#define CURRENT_NETNS (-1)
+
 #define NETBPF_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 #endif
