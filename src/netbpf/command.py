@@ -103,7 +103,9 @@ def main(prog, run):
     other netbpf errors (the kernel refused something) -> one line + exit 1; a reader of stdout
     that went away (`| head`) -> exit 1 without a traceback."""
     try:
-        return run() or 0
+        status = run() or 0
+        sys.stdout.flush()  # a small output still sits in the buffer: its broken pipe shows here
+        return status
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush finds no pipe
         return 1
