@@ -33,7 +33,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: all deps check-tools test evaluate bench vmtest kernel selftests clean
+.PHONY: all deps check-tools test evaluate bench vmtest kernel selftests needed clean
 
 # --- vendored libbpf (git submodule external/libbpf), used when its sources are present ---
 LIBBPF_SRC := external/libbpf/src
@@ -128,6 +128,11 @@ kernel:
 selftests:
 	test_progs=$$(KVER=$(KVER) kernel/selftests.sh) && \
 	VM_COMMAND="$$test_progs" VM_KERNEL=$(KERNEL) VM_SERIES=$(KVER) tests/vm/run.sh
+
+# Each fix of the series is needed: built without it, the kernel fails the subtests its commit
+# message names, and only those (kernel/needed.sh; a kernel build and a VM run per fix)
+needed:
+	KVER=$(KVER) kernel/needed.sh
 
 clean:
 	rm -rf $(BUILD) $(PKG_BPF) $(EVAL_BINS)

@@ -5,7 +5,7 @@
 # plus kernel/config (BPF, BTF, cgroups, sockmap, syscall tracepoints). Prints the path of the
 # image (`make vmtest KERNEL=that path`), cached under build/kernel by the hash of the patches
 # and the config. KVER=6.12 UNPATCHED=1 builds the same tree without the patches (the
-# selftests' reference).
+# selftests' reference); WITHOUT=0003 builds it with every patch but that one (kernel/needed.sh).
 #
 # One source tree per series is kept (build/kernel/src-$KVER, 1.6-2 GB): when only the patches
 # change, the patches it carries are taken out, the new ones go in, and make rebuilds what they
@@ -18,6 +18,12 @@ patches=()  # the series, in order; the cover letter (0000-) is no patch
 for patch in kernel/patches/"$kver"/*.patch; do [[ $patch == */0000-* ]] || patches+=("$patch"); done
 flavour=netbpf
 if [ -n "${UNPATCHED:-}" ]; then patches=(); flavour=unpatched; fi
+if [ -n "${WITHOUT:-}" ]; then
+    kept=()
+    for patch in "${patches[@]}"; do [[ $(basename "$patch") == "$WITHOUT"-* ]] || kept+=("$patch"); done
+    [ ${#kept[@]} -lt ${#patches[@]} ] || { echo "build.sh: kernel/patches/$kver has no patch $WITHOUT-*" >&2; exit 2; }
+    patches=("${kept[@]}"); flavour=without-$WITHOUT
+fi
 cache=${KERNEL_CACHE:-$PWD/build/kernel}
 key=$(cat "${patches[@]}" kernel/config | sha256sum | cut -c1-12)
 image=$cache/bzImage-$kver-$flavour-$key
