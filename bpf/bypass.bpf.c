@@ -177,6 +177,41 @@ static __always_inline int detaching(void)
 	return !ctl || stopped(ctl);
 }
 
+/* sk_msg's view of stopped(), per CPU: the clock costs a helper call, a message only a load of
+ * jiffies (bpf_jiffies64 is inlined), so the agent-lost half is looked at again once a jiffy
+ * has passed since this CPU last did. Detach is seen at once. */
+struct stop_seen {
+	__u64 jiffies;
+	__u32 stopped;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stop_seen);
+} stop_seen SEC(".maps");
+
+static __always_inline int sends_stopped(void)
+{
+	struct bypass_control *ctl = control_here();
+	struct stop_seen *seen;
+	__u32 zero = 0;
+	__u64 now;
+
+	if (!ctl || ctl->detaching)
+		return 1;
+	seen = bpf_map_lookup_elem(&stop_seen, &zero);
+	if (!seen)
+		return 1;
+	now = bpf_jiffies64();
+	if (seen->jiffies != now) {
+		seen->jiffies = now;
+		seen->stopped = stopped(ctl);
+	}
+	return seen->stopped;
+}
+
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4, so that a v6 socket talking to a v4 one
  * builds the same key its peer does. */
 static __always_inline void normalize(struct sock_key *key)
@@ -978,7 +1013,7 @@ static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
 	if (!peer)
 		return pass(cnt, NULL, &cnt->passed_no_peer, size);
-	if (detaching())
+	if (sends_stopped())
 		return pass(cnt, peer, &cnt->passed_detaching, size);
 	if (peer->state != STATE_JOINED)
 		return pass(cnt, peer, &cnt->passed_no_peer, size);
