@@ -35,6 +35,7 @@ for patch in "$series"/*.patch; do
         fi
     done
     [ ${#named[@]} -gt 0 ] || verdict="names no subtest"
+    grep -q "^#[0-9/]* *$test/" "$log" || { echo "needed.sh: no $test result on $image:" >&2; tail -n 20 "$log" >&2; }
     [ "$verdict" = needed ] && [ ${#broken[@]} -eq 0 ] || failed=1
     echo "without $(basename "$patch"): ${named[*]} fail: $verdict${broken[*]:+; also failing: ${broken[*]}}"
 done
