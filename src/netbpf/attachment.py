@@ -25,6 +25,7 @@ class Attachment:
 
     def __init__(self, cgroup_dir=None):
         self.cgroup = cgroup.resolve(cgroup_dir)
+        self.object_file = None  # another build of the tool's object than make's (evaluate.ab)
         self.obj = None
         self.links = {}
 
@@ -39,7 +40,7 @@ class Attachment:
 
     def _new_object(self):
         """The tool's object, opened and _prepare()d, not loaded."""
-        obj = Object(object_path(self.NAME))
+        obj = Object(self.object_file or object_path(self.NAME))
         try:
             self._prepare(obj)
         except BaseException:
