@@ -14,13 +14,14 @@ non-blocking ones, as event-driven programs use (redis, nginx, asyncio). The pin
 event-driven (-e: non-blocking sockets and epoll) unless a row says "blocking": blocking sockets
 stay on plain TCP, and those rows show that this costs nothing. Short connections (connect, one
 request, close) stay plain too: they end before the bypass would take them. Real peers
-(redis-benchmark, nginx with wrk, iperf3, sockperf) run when installed, as a check that the
-numbers are not an artefact of our own client.
+(redis-benchmark, nginx with wrk, pgbench -S, iperf3, sockperf) run when installed, as a check
+that the numbers are not an artefact of our own client.
 
 Writes DIR/results.json, DIR/results.md and, with matplotlib, DIR/latency.png and DIR/ratio.png.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -207,6 +208,47 @@ class Bench:
                 proc.wait()
 
 
+    def pgbench(self):
+        """PostgreSQL's pgbench, select-only (-S), 8 clients over TCP: one cluster per variant, its
+        postmaster, and so every backend, in that variant's cgroup, as the client is."""
+        postgres = shutil.which("postgres") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))), None)
+        if not (postgres and shutil.which("pgbench") and shutil.which("runuser")):
+            return None
+        bindir = Path(postgres).resolve().parent
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        home = Path(tempfile.mkdtemp(prefix="netbpf-bench-pg-"))
+        shutil.chown(home, "postgres")
+        clusters = {}
+
+        def run(variant):
+            if variant == "unix":
+                return {}
+            proc = self.group(variant).popen(
+                as_postgres + ["pgbench", "-S", "-n", "-c", "8", "-j", "2", "-T", "2" if self.quick else "5",
+                               "-h", "127.0.0.1", "-p", str(clusters[variant]), "postgres"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            out, _ = proc.communicate(timeout=120)
+            return {"tps": next(float(line.split()[2]) for line in out.splitlines() if line.startswith("tps = "))}
+
+        try:
+            for variant in ("plain", "bypass"):
+                data, port = home / variant, free_port()
+                subprocess.run(as_postgres + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                                              "--no-sync"], check=True, stdout=subprocess.DEVNULL, timeout=120)
+                self.group(variant).popen(as_postgres + [postgres, "-D", str(data), "-p", str(port), "-k", str(home),
+                                                         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                clusters[variant] = port
+                wait_for_port(port)
+                subprocess.run(as_postgres + ["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(port),
+                                              "postgres"], check=True, capture_output=True, timeout=120)
+            return self.interleaved("pgbench -S", run)
+        finally:
+            for variant in clusters:
+                subprocess.run(as_postgres + [str(bindir / "pg_ctl"), "stop", "-D", str(home / variant), "-m", "fast"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            shutil.rmtree(home, ignore_errors=True)
+
     def peer(self, label, server_argv, client_argv, parse):
         """A real server/client pair, plain vs bypass, interleaved (AF_UNIX has no equivalent).
         server_argv/client_argv take the port; parse(client stdout) -> {metric: value}."""
@@ -307,7 +349,7 @@ def run_all(args):
     placements = ["same", "cross"]
     concurrency = [1, 8, 64] if not args.quick else [1, 8]
     bench.total = args.reps * 3 * (len(sizes) * len(placements) + 2 + len(concurrency) - 1 + 2 + 2
-                                   + len(LIFETIMES) + 5)
+                                   + len(LIFETIMES) + 6)
     report = {"machine": machine(), "reps": args.reps, "join": bench.bypass.mechanisms(), "latency": [],
               "concurrency": [], "stream": [], "short": [], "lived": []}
     try:
@@ -336,6 +378,7 @@ def run_all(args):
             report["redis"] = [measured(redis, t, test=t) for t in ("SET", "GET")]
         report["peers"] = []
         peers = (("nginx + wrk req/s", "requests_per_s", bench.nginx),
+                 ("pgbench -S tps", "tps", bench.pgbench),
                  ("iperf3 Gbit/s", "gbit_per_s", bench.iperf3),
                  ("sockperf half-RTT p50 (µs)", "half_rtt_p50_us", bench.sockperf))
         for name, metric, run in peers if "peers" in wanted else ():
