@@ -167,10 +167,14 @@ def test_server_in_the_cgroup_with_a_client_outside_stays_plain(bypass, cg):
 
 def full_duplex_blocking_reader(port, rounds):
     """Each round: one thread blocks in recv() while another sends 4 MiB on the same socket; the
-    peer reads it, answers and closes. Returns how many blocking recv() calls failed with EAGAIN."""
+    peer reads it, answers and closes. The first connection waits in sync() before it sends, so
+    that the agent meets it open however fast the rounds go. Returns how many blocking recv()
+    calls failed with EAGAIN."""
     eagain = 0
-    for _ in range(rounds):
+    for n in range(rounds):
         conn = socket.create_connection(("127.0.0.1", port))
+        if n == 0:
+            sync()
         sender = threading.Thread(target=conn.sendall, args=(PATTERN * 4,))
         sender.start()
         try:
@@ -210,7 +214,7 @@ def test_a_blocking_reader_whose_socket_sends_meanwhile_never_sees_eagain(cg):
         return eagain
 
     with attached(cg, queue_floor=256 << 10) as bypass:
-        assert run_in(cg, both_in_cgroup) == 0
+        assert run_in(cg, both_in_cgroup, on_sync=kept_plain(bypass, blocking=1)) == 0
         stats = bypass.stats()
         assert stats["sockets_inserted"] == 0 and stats["plain_by_reason"].get("blocking", 0) >= 1
 
@@ -462,6 +466,12 @@ def test_10000_short_connections_stay_plain_and_leave_the_maps_empty(bypass, cg)
 
 # --- memory: the redirect path has no backpressure of its own ---
 
+# TCP's memory count in /proc/net/sockstat lags the truth by up to 1 MiB per CPU: each CPU batches
+# its charges (SK_MEMORY_PCPU_RESERVE, sk_memory_allocated_add(), since 5.19). A growth is two
+# readings, and the test compares two growths.
+SOCKSTAT_SLACK = 4 * (os.cpu_count() or 1) << 20
+
+
 def sockstat_tcp_pages():
     with open("/proc/net/sockstat") as f:
         for line in f:
@@ -512,7 +522,7 @@ def test_a_reader_that_never_reads_cannot_eat_host_memory(bypass, cg):
           f"bypass queued {sent} B (sockstat +{grown} B); queue limit {queue_limit} B")
     assert plain_intact and intact
     assert sent <= plain_sent + queue_limit + (1 << 20), (sent, plain_sent)
-    assert grown <= plain_grown + queue_limit + (2 << 20), (grown, plain_grown)
+    assert grown <= plain_grown + queue_limit + SOCKSTAT_SLACK, (grown, plain_grown)
     stats = bypass.stats()
     assert stats["passed_peer_full"] > 0 and stats["redirected_bytes"] > 0
 
