@@ -60,10 +60,13 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 #define ETH_P_IPV6 0x86DD
 #define TC_ACT_UNSPEC (-1) /* tcx: the next program; netlink tc: the filter's default */
 
+/* Keyed by socket cookie (sock_info.cookie): sk_msg redirects through it on every message, and
+ * an 8-byte key hashes in a fraction of a 40-byte one's time. Cookies are never reused, so an
+ * entry left from a closed peer cannot name another socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
-	__type(key, struct sock_key);
+	__type(key, __u64);
 	__type(value, __u64);
 } sock_map SEC(".maps");
 
@@ -488,14 +491,24 @@ static __always_inline __u32 why_plain(struct sock *sk, struct sock_info *info)
 	return reader_unsafe(sk, info);
 }
 
-/* Into the sockhash; `sock` is the socket as the verifier lets it be inserted. The tc program
- * and the sweep may meet the same socket at once: the one that finds it there already (EEXIST)
- * leaves its state to the other. */
-static __always_inline int insert(void *sock, struct sock_key *key, struct sock_info *info,
-				  struct bypass_counters *cnt)
+/* The socket's cookie where one was made (sockops makes one for each connection of the
+ * cgroup; the sweep for those that established before the attach), 0 where not yet. */
+static __always_inline __u64 cookie_of(struct sock *sk)
 {
-	long err = bpf_map_update_elem(&sock_map, key, sock, BPF_NOEXIST);
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+}
 
+/* Into the sockhash under the socket's cookie; `sock` is the socket as the verifier lets it be
+ * inserted. The tc program and the sweep may meet the same socket at once: the one that finds
+ * it there already (EEXIST) leaves its state to the other. */
+static __always_inline int insert(void *sock, __u64 cookie, struct sock_info *info, struct bypass_counters *cnt)
+{
+	long err;
+
+	if (!cookie)
+		return 0; /* none made yet: the sweep makes it, and joins */
+	info->cookie = cookie;
+	err = bpf_map_update_elem(&sock_map, &cookie, sock, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return 0;
 	if (err) {
@@ -540,6 +553,7 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		cnt->established++;
+		bpf_get_socket_cookie(skops); /* made now: the tc program can join it */
 		tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
 		if (!tp)
 			break;
@@ -680,9 +694,9 @@ static __always_inline void join_pair(struct bpf_sock *receiver, struct sock *rs
 		keep_waiting(&s, r.why, cnt);
 		return;
 	}
-	if (r.info->state != STATE_JOINED && insert(receiver, &r.key, r.info, cnt))
+	if (r.info->state != STATE_JOINED && insert(receiver, cookie_of(rsk), r.info, cnt))
 		cnt->inserted_by_event++;
-	if (s.info->state != STATE_JOINED && insert(sender, &s.key, s.info, cnt))
+	if (s.info->state != STATE_JOINED && insert(sender, cookie_of(ssk), s.info, cnt))
 		cnt->inserted_by_event++;
 }
 
@@ -749,7 +763,7 @@ static __always_inline void try_join(struct sock *sk, void *sock, struct sock_ke
 		set_state(info, STATE_READY, REASON_PEER_WAITING, cnt);
 		return;
 	}
-	insert(sock, key, info, cnt);
+	insert(sock, bpf_get_socket_cookie(sock), info, cnt);
 }
 
 /* Both ends or neither: a socket whose peer's insert failed after this one joined leaves too. */
@@ -784,7 +798,7 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 	}
 	if (bpf_ktime_get_ns() - info->since_ns < LEAVE_GRACE_NS)
 		return;
-	if (bpf_map_delete_elem(&sock_map, key))
+	if (bpf_map_delete_elem(&sock_map, &info->cookie))
 		return; /* not there (any more): the socket is closing, and its entry goes with it */
 	cnt->sockets_left++;
 	count_reason(cnt->left_by_reason, info->reason);
@@ -1059,7 +1073,7 @@ static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 	}
 
 	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
-	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_key, BPF_F_INGRESS) != SK_PASS)
+	if (bpf_msg_redirect_hash(msg, &sock_map, &peer->cookie, BPF_F_INGRESS) != SK_PASS)
 		return pass(cnt, peer, &cnt->redirect_failed, size);
 	peer->queue_budget -= size;
 	peer->redirected_bytes += size;

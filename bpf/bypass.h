@@ -63,6 +63,7 @@ enum plain_reason {
  * the object's BTF. */
 struct sock_info {
 	__u64 sk;
+	__u64 cookie;            /* its socket cookie, its key in the sockhash (set when it joins) */
 	__u64 since_ns;          /* when state last changed */
 	__u64 redirected_bytes;  /* redirected into this socket */
 	__u64 seen_round;        /* the last agent round that saw the socket; the agent drops older */
