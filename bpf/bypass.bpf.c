@@ -112,6 +112,18 @@ struct {
 	__type(value, __u8);
 } event_netns SEC(".maps");
 
+/* How many connections of the cgroup, established since the attach and not closed, have each
+ * local port (sockops counts them in and out). The tc program runs on every loopback segment of
+ * its namespace; a segment to a port that no such connection has is none of its business, and
+ * it leaves at once: the host's other loopback traffic pays an array load, not a socket lookup.
+ * Connections older than the attach are not counted: the sweep joins those. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} cgroup_ports SEC(".maps");
+
 /* Settings fixed before load (the tool writes .rodata): the verifier prunes what they rule out. */
 const volatile __u64 cgroup_id = 0;      /* the cgroup (v2 id: its directory's inode) whose sockets may join */
 const volatile __u32 scope = SCOPE_LOOPBACK; /* enum bypass_scope */
@@ -538,6 +550,18 @@ static __always_inline void note_listener(__u32 port)
 		note(&listeners, &port, &ctl->round, counters_here());
 }
 
+static __always_inline void count_port(__u32 port, int established)
+{
+	__u32 *count = bpf_map_lookup_elem(&cgroup_ports, &port);
+
+	if (!count)
+		return;
+	if (established)
+		__sync_fetch_and_add(count, 1);
+	else if (*count) /* one counted by an earlier bypass, whose map is gone: nothing to undo */
+		__sync_fetch_and_add(count, -1);
+}
+
 SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
@@ -554,6 +578,9 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		cnt->established++;
 		bpf_get_socket_cookie(skops); /* made now: the tc program can join it */
+		count_port(skops->local_port, 1);
+		/* and counted out again when it closes (BPF_SOCK_OPS_STATE_CB) */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
 		if (!tp)
 			break;
@@ -564,6 +591,10 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
 		note_listener(skops->local_port);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			count_port(skops->local_port, 0);
 		break;
 	}
 	return 1;
@@ -597,6 +628,39 @@ static __always_inline __u32 tuple_of(struct __sk_buff *skb, struct bpf_sock_tup
 		return sizeof(tuple->ipv6);
 	}
 	return 0;
+}
+
+/* Whether the segment may be one of the cgroup's: its receiving port is one a connection of
+ * the cgroup has (cgroup_ports). Read straight from the packet, before anything costs a helper
+ * call; a packet whose headers are not where this looks is left to the full check. */
+static __always_inline int maybe_ours(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	struct tcphdr *tcp;
+	__u32 port, *count;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if ((void *)(ip + 1) > end)
+			return 1;
+		if (ip->protocol != IPPROTO_TCP)
+			return 0;
+		tcp = (void *)ip + (ip->ihl & 0xf) * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if ((void *)(ip6 + 1) > end)
+			return 1;
+		if (ip6->nexthdr != IPPROTO_TCP)
+			return 0;
+		tcp = (void *)(ip6 + 1);
+	} else {
+		return 0;
+	}
+	if ((void *)(tcp + 1) > end)
+		return 1;
+	port = bpf_ntohs(tcp->dest);
+	count = bpf_map_lookup_elem(&cgroup_ports, &port);
+	return count && *count;
 }
 
 /* The same connection seen from the sender: finds the sender. */
@@ -710,7 +774,7 @@ int bypass_join_tc(struct __sk_buff *skb)
 	struct tcp_sock *tp;
 	__u32 size;
 
-	if (!cnt || !ctl || stopped(ctl))
+	if (!maybe_ours(skb) || !cnt || !ctl || stopped(ctl))
 		return TC_ACT_UNSPEC;
 	size = tuple_of(skb, &tuple);
 	if (!size)

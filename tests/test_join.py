@@ -17,7 +17,7 @@ from netbpf.bypass import SEND, SWEEP
 
 from bypassutil import attached, joined
 from clitools import bpf_loaded, run_cli
-from conftest import run_in, sync
+from conftest import run_in, sync, wait_for
 from netutil import PATTERN, close_all, pair, recv_exactly
 
 REFUSED = mechanisms.forced_refusals()
@@ -96,6 +96,34 @@ def test_a_connection_joins_before_its_tenth_round_trip(bypass, cg):
     assert seen["sockets"] == 2, seen  # in the map by the 9th round trip
     stats = bypass.stats()
     assert stats["inserted_by_event"] == 2 and stats["redirected_msgs"] >= 2 * 20, stats
+
+
+def ports_of_an_open_pair():
+    """A pair that stays open over sync(); returns the ports of both ends."""
+    srv, cli, conn = pair()
+    ports = (cli.getsockname()[1], conn.getsockname()[1])
+    sync()
+    close_all(srv, cli, conn)
+    return ports
+
+
+def test_the_tc_program_knows_the_cgroups_ports_and_forgets_closed_ones(bypass, cg):
+    """The tc program runs on every loopback segment of the namespace, and leaves at once a
+    segment to a port that no connection of the cgroup has: sockops counts each connection's
+    local port in when it establishes and out when it closes. This process is outside the
+    cgroup: its pair counts nothing."""
+    counts = bypass.obj.maps["cgroup_ports"]
+    srv, cli, conn = pair()
+    outside = (cli.getsockname()[1], conn.getsockname()[1])
+    seen = {}
+
+    def look():
+        seen.update({port: count for port, count in counts.items() if count})
+
+    inside = run_in(cg, ports_of_an_open_pair, on_sync=look)
+    close_all(srv, cli, conn)
+    assert seen == {inside[0]: 1, inside[1]: 1}, (seen, inside, outside)
+    assert wait_for(lambda: [counts[port] for port in inside] == [0, 0], 5), [counts[port] for port in inside]
 
 
 # --- two network namespaces joined by a veth pair: pods on one node ---
