@@ -138,14 +138,17 @@ CPYTHON_NETWORK_SUITES = ("test_socket", "test_asyncio", "test_selectors", "test
 
 
 def run_cpython_suites(group):
-    """regrtest over the network suites, its workers in `group`: (exit status, its last lines)."""
+    """regrtest over the network suites, its workers in `group`: (exit status, the lines that name
+    failures, then its last lines)."""
     # the AF_VSOCK cases wait for the hypervisor's vsock, which a VM guest may have and not answer;
     # -w runs a failed file once more (some asyncio cases time out on a busy machine, plain TCP too)
     proc = group.popen([sys.executable, "-m", "test", "-j2", "-w", "--timeout", "600", "--ignore", "*VSOCK*",
                         *CPYTHON_NETWORK_SUITES],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=1800)
-    return proc.returncode, out.splitlines()[-25:]
+    lines = out.splitlines()
+    failures = [line for line in lines if line.startswith(("FAIL:", "ERROR:", "Timeout ", "Traceback"))]
+    return proc.returncode, failures[:20] + lines[-25:]
 
 
 @pytest.mark.slow
