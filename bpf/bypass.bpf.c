@@ -414,6 +414,16 @@ static __always_inline int count_reason(__u64 *counts, __u32 reason)
 	return 1;
 }
 
+/* Whether this is the first time the socket is kept plain for `reason`. Programs on two CPUs
+ * may judge one socket at once (a splice marking it while the sweep or the tc program looks at
+ * it): the bit is set atomically, so that only one of them counts it. */
+static __always_inline int first_time(struct sock_info *info, __u32 reason)
+{
+	__u64 bit = 1ULL << (reason & 63);
+
+	return !(info->reasons_seen & bit) && !(__sync_fetch_and_or(&info->reasons_seen, bit) & bit);
+}
+
 static __always_inline void set_state(struct sock_info *info, enum sock_state state, enum plain_reason reason,
 				      struct bypass_counters *cnt)
 {
@@ -421,8 +431,8 @@ static __always_inline void set_state(struct sock_info *info, enum sock_state st
 		info->since_ns = bpf_ktime_get_ns();
 	info->state = state;
 	info->reason = reason;
-	if (reason > REASON_NONE && !(info->reasons_seen & (1U << reason)) && count_reason(cnt->plain_by_reason, reason))
-		info->reasons_seen |= 1U << reason;
+	if (reason > REASON_NONE && first_time(info, reason))
+		count_reason(cnt->plain_by_reason, reason);
 }
 
 /* Whether the socket was made by a process of the cgroup or of one below it. */
@@ -511,18 +521,19 @@ static __always_inline __u64 cookie_of(struct sock *sk)
 }
 
 /* Into the sockhash under the socket's cookie; `sock` is the socket as the verifier lets it be
- * inserted. The tc program and the sweep may meet the same socket at once: the one that finds
- * it there already (EEXIST) leaves its state to the other. */
+ * inserted. The tc program (on each CPU, for segments either way) and the sweep may meet the
+ * same socket at once, and the kernel refuses a second insert of a socket already in the map
+ * with EBUSY, as if another map's program held it (sock_map_link): so the one that sets the
+ * entry's cookie first inserts, and the others leave the socket and its state to it. */
 static __always_inline int insert(void *sock, __u64 cookie, struct sock_info *info, struct bypass_counters *cnt)
 {
 	long err;
 
 	if (!cookie)
 		return 0; /* none made yet: the sweep makes it, and joins */
-	info->cookie = cookie;
-	err = bpf_map_update_elem(&sock_map, &cookie, sock, BPF_NOEXIST);
-	if (err == -EEXIST)
+	if (__sync_lock_test_and_set(&info->cookie, cookie))
 		return 0;
+	err = bpf_map_update_elem(&sock_map, &cookie, sock, BPF_NOEXIST);
 	if (err) {
 		set_state(info, STATE_LEFT, REASON_INSERT_FAILED, cnt);
 		cnt->insert_failed++;

@@ -63,18 +63,18 @@ enum plain_reason {
  * the object's BTF. */
 struct sock_info {
 	__u64 sk;
-	__u64 cookie;            /* its socket cookie, its key in the sockhash (set when it joins) */
+	__u64 cookie;            /* its socket cookie, its key in the sockhash: set by the one program that inserts it */
 	__u64 since_ns;          /* when state last changed */
 	__u64 redirected_bytes;  /* redirected into this socket */
 	__u64 seen_round;        /* the last agent round that saw the socket; the agent drops older */
 	__u64 first_round;       /* the round that found it */
 	__u64 inode;             /* its socket inode ("socket:[N]" in /proc/PID/fd): status finds the owner */
 	__u64 consumed_mark;     /* redirected bytes it had read when queue_limit last grew */
+	__u64 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
 	__u32 queue_limit;       /* bytes it may have queued before sends to it take TCP (0: not set yet) */
 	__u32 queue_budget;      /* bytes its peer may still redirect into it before reading its queue again */
 	enum sock_state state;
 	enum plain_reason reason;
-	__u32 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
 	__u32 netns;             /* its network namespace (inode number), whatever its key says */
 	__u16 service_port;      /* the server end's port: a spliced service stays plain */
 	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
