@@ -457,11 +457,16 @@ static __always_inline __u16 service_of(const struct sock_key *key)
 	return bpf_map_lookup_elem(&listeners, &port) ? key->local_port : key->remote_port;
 }
 
+/* The socket's entry, made now. Two programs on two CPUs may meet a new socket at once: the
+ * first makes the entry and the other takes that one (each writing to an entry of its own, one
+ * of them replaced, would insert the socket twice). An entry a closed socket left under the
+ * same key is replaced. `made` says whether this call made it. */
 static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_key *key, __u64 round,
-					       struct bypass_counters *cnt)
+					       struct bypass_counters *cnt, int *made)
 {
-	struct sock_info info = {}, *made;
+	struct sock_info info = {}, *entry;
 	__u32 service = service_of(key);
+	long err;
 
 	info.sk = (__u64)sk;
 	info.since_ns = bpf_ktime_get_ns();
@@ -470,12 +475,22 @@ static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_k
 	info.netns = netns_of(sk);
 	info.service_port = service;
 	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
-	if (bpf_map_update_elem(&sock_info, key, &info, BPF_ANY))
+	*made = 0;
+	err = bpf_map_update_elem(&sock_info, key, &info, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		entry = bpf_map_lookup_elem(&sock_info, key);
+		if (entry && entry->sk == (__u64)sk)
+			return entry;
+		err = bpf_map_update_elem(&sock_info, key, &info, BPF_ANY);
+	}
+	if (err)
 		return NULL;
-	made = bpf_map_lookup_elem(&sock_info, key);
-	if (made)
-		set_state(made, STATE_WAITING, made->spliced ? REASON_SPLICED : REASON_NONE, cnt);
-	return made;
+	entry = bpf_map_lookup_elem(&sock_info, key);
+	if (!entry)
+		return NULL;
+	*made = 1;
+	set_state(entry, STATE_WAITING, entry->spliced ? REASON_SPLICED : REASON_NONE, cnt);
+	return entry;
 }
 
 /* Established sockets the bypass may take: IPv4/IPv6 with a local peer (scope) on an allowed port. */
@@ -490,6 +505,7 @@ static __always_inline struct sock_info *entry_of(struct sock *sk, struct sock_k
 					       struct bypass_counters *cnt)
 {
 	struct sock_info *info;
+	int made;
 
 	key_of_sock(sk, key);
 	if (!in_reach(key))
@@ -499,9 +515,8 @@ static __always_inline struct sock_info *entry_of(struct sock *sk, struct sock_k
 		return info;
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_ESTABLISHED || ctl->detaching)
 		return NULL;
-	info = new_info(sk, key, ctl->round, cnt);
-	if (info)
-		cnt->candidates++;
+	info = new_info(sk, key, ctl->round, cnt, &made);
+	cnt->candidates += made;
 	return info;
 }
 
@@ -991,13 +1006,14 @@ static __always_inline void mark_spliced(int fd)
 	struct sock_info *info;
 	__u64 one = 1;
 	__u32 service;
+	int made;
 
 	if (!sk || !cnt || !ctl || !in_cgroup(sk, cgroup_id))
 		return;
 	key_of_sock(sk, &key);
 	info = bpf_map_lookup_elem(&sock_info, &key);
 	if (!info || info->sk != (__u64)sk)
-		info = new_info(sk, &key, ctl->round, cnt);
+		info = new_info(sk, &key, ctl->round, cnt, &made);
 	if (!info || info->spliced)
 		return;
 	info->spliced = 1;

@@ -98,6 +98,49 @@ def test_a_connection_joins_before_its_tenth_round_trip(bypass, cg):
     assert stats["inserted_by_event"] == 2 and stats["redirected_msgs"] >= 2 * 20, stats
 
 
+def first_messages_both_ways_at_once(count, rounds=3):
+    """`count` non-blocking pairs; a second process holds the server ends, and both processes
+    start their sends at the same instant, so that the two ends' first segments (each a chance
+    for the tc program to join the pair) are handled on both CPUs at once. Returns how many
+    pairs echoed every round intact."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(512)
+    pairs = []
+    for _ in range(count):
+        cli = socket.socket()
+        cli.connect(srv.getsockname())
+        conn, _ = srv.accept()
+        cli.settimeout(10)
+        conn.settimeout(10)
+        pairs.append((cli, conn))
+    go_r, go_w = os.pipe()
+    server = os.fork()
+    if server == 0:
+        os.read(go_r, 1)
+        ok = all(conn.sendall(b"s" * 100) or recv_exactly(conn, 100) == b"c" * 100
+                 for _, conn in pairs for _ in range(rounds))
+        os._exit(0 if ok else 1)
+    os.write(go_w, b"!")
+    intact = sum(all(cli.sendall(b"c" * 100) or recv_exactly(cli, 100) == b"s" * 100 for _ in range(rounds))
+                 for cli, _ in pairs)
+    _, status = os.waitpid(server, 0)
+    close_all(srv, *(end for pair_ in pairs for end in pair_))
+    return intact if status == 0 else -1
+
+
+@pytest.mark.skipif("tc" in REFUSED, reason="the tc join is refused here (NETBPF_REFUSE): only the sweep joins")
+def test_both_ends_met_at_once_join_once(bypass, cg):
+    """The tc program meets a pair on both CPUs at once (segments either way), and the sweep may
+    meet it too: the kernel refuses a second insert of a socket (EBUSY), so exactly one of them
+    may insert each socket. None fails, and every pair joins whole."""
+    count = 200
+    assert run_in(cg, first_messages_both_ways_at_once, count) == count
+    stats = bypass.stats()
+    assert stats["insert_failed"] == 0, stats
+    assert stats["sockets_inserted"] == 2 * count and stats["redirected_msgs"] > 0, stats
+
+
 def ports_of_an_open_pair():
     """A pair that stays open over sync(); returns the ports of both ends."""
     srv, cli, conn = pair()
