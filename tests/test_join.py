@@ -15,7 +15,7 @@ import pytest
 from netbpf import mechanisms, netns
 from netbpf.bypass import SEND, SWEEP
 
-from bypassutil import attached, joined
+from bypassutil import attached, joined, rounds
 from clitools import bpf_loaded, run_cli
 from conftest import run_in, sync, wait_for
 from netutil import PATTERN, close_all, pair, recv_exactly
@@ -139,6 +139,46 @@ def test_both_ends_met_at_once_join_once(bypass, cg):
     stats = bypass.stats()
     assert stats["insert_failed"] == 0, stats
     assert stats["sockets_inserted"] == 2 * count and stats["redirected_msgs"] > 0, stats
+
+
+def an_end_away_from_every_file_table(messages=20):
+    """A pair that has joined (first sync); its client end then travels in an SCM_RIGHTS message,
+    in no process's file table, while the agent does its rounds (second sync), and comes back.
+    Returns how many of `messages` echoes after its return came back intact."""
+    srv, cli, conn = pair()
+    cli.settimeout(10)
+    conn.settimeout(10)
+    cli.sendall(b"hello")
+    conn.sendall(recv_exactly(conn, 5))
+    recv_exactly(cli, 5)
+    sync()
+    away, home = socket.socketpair(socket.AF_UNIX)
+    socket.send_fds(away, [b"fd"], [cli.fileno()])
+    cli.close()
+    sync()
+    _, fds, _, _ = socket.recv_fds(home, 2, 1)
+    cli = socket.socket(fileno=fds[0])
+    ok = 0
+    for i in range(messages):
+        message = PATTERN[i * 1024:(i + 1) * 1024]
+        cli.sendall(message)
+        conn.sendall(recv_exactly(conn, 1024))
+        ok += recv_exactly(cli, 1024) == message
+    sync()
+    close_all(srv, cli, conn, away, home)
+    return ok
+
+
+def test_a_joined_socket_away_from_every_file_table_stays_joined(bypass, cg):
+    """A joined socket that the sweep cannot find for a while (iter/task_file walks file tables;
+    this one is in flight in an SCM_RIGHTS message) keeps its entry while it is in the sockhash:
+    a new entry would insert it again, which the kernel refuses (EBUSY), and the pair would
+    leave the bypass with one end stranded in the map."""
+    seen = {}
+    steps = [joined(bypass), rounds(bypass, 3), lambda: seen.update(bypass.stats())]
+    assert run_in(cg, an_end_away_from_every_file_table, 20, on_sync=lambda: steps.pop(0)()) == 20
+    assert seen["insert_failed"] == 0 and seen["sockets"] == 2, seen
+    assert seen["redirected_msgs"] >= 2 * 20, seen
 
 
 def ports_of_an_open_pair():

@@ -54,9 +54,12 @@ class Sweep:
 
 def join_pass(sweep, maps):
     """One round of the agent: the sweep, then forget the sockets it did not see where it
-    looked: they are closed. A pair joins as the sweep meets its second end (the first one waits
-    READY), so when a round leaves such sockets READY the sweep runs once more. Returns a Round:
-    what run_paced() needs to decide when the next one is due."""
+    looked: they are closed. One still in the sockhash is not (the kernel takes a socket out as
+    it closes): its file is in no process's table for now (in flight in an SCM_RIGHTS message,
+    or held by io_uring alone), and a new entry would insert it again, which the kernel refuses.
+    A pair joins as the sweep meets its second end (the first one waits READY), so when a round
+    leaves such sockets READY the sweep runs once more. Returns a Round: what run_paced() needs
+    to decide when the next one is due."""
     control, State = maps["control"], kinds.State
     this_round = control[0].round + 1
     control[0] = control[0]._replace(round=this_round)
@@ -65,9 +68,10 @@ def join_pass(sweep, maps):
         tracked_netns = set(maps["netns_seen"]) | (walked or set())
         event = set(maps["event_netns"])
         result, ready = Round(), 0
+        in_map = set(maps["sock_map"])
         for key, info in maps["sock_info"].items():
             looked = walked is None or info.netns in walked or info.netns not in tracked_netns
-            if info.seen_round < this_round and looked:
+            if info.seen_round < this_round and looked and info.cookie not in in_map:
                 maps["sock_info"].pop(key, None)
                 continue
             if info.state == State.LEFT:
