@@ -64,6 +64,14 @@ def test_where_no_sweep_loads_attach_is_one_line_exit_2_and_leaves_nothing(cg, p
                               text=True).stdout.strip()
 
 
+def echo(cli, conn, i):
+    """The i-th 1 KiB of PATTERN from cli to conn and back; whether it came back intact."""
+    message = PATTERN[i * 1024:(i + 1) * 1024]
+    cli.sendall(message)
+    conn.sendall(recv_exactly(conn, 1024))
+    return recv_exactly(cli, 1024) == message
+
+
 def paced_exchange(rounds, interval, check_at):
     """A non-blocking pair exchanging 1 KiB each way every `interval` seconds; sync() after
     round `check_at` (the parent looks at the map). Returns how many rounds echoed intact."""
@@ -72,10 +80,7 @@ def paced_exchange(rounds, interval, check_at):
     conn.settimeout(10)
     ok = 0
     for i in range(rounds):
-        message = PATTERN[i * 1024:(i + 1) * 1024]
-        cli.sendall(message)
-        conn.sendall(recv_exactly(conn, 1024))
-        ok += recv_exactly(cli, 1024) == message
+        ok += echo(cli, conn, i)
         if i + 1 == check_at:
             sync()
         time.sleep(interval)
@@ -165,12 +170,7 @@ def an_end_away_from_every_file_table(messages=20):
     sync()
     _, fds, _, _ = socket.recv_fds(home, 2, 1)
     cli = socket.socket(fileno=fds[0])
-    ok = 0
-    for i in range(messages):
-        message = PATTERN[i * 1024:(i + 1) * 1024]
-        cli.sendall(message)
-        conn.sendall(recv_exactly(conn, 1024))
-        ok += recv_exactly(cli, 1024) == message
+    ok = sum(echo(cli, conn, i) for i in range(messages))
     sync()
     close_all(srv, cli, conn, away, home)
     return ok
