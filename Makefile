@@ -51,12 +51,14 @@ BPF_SRCS   := $(wildcard bpf/*.bpf.c)
 BPF_OBJS   := $(patsubst bpf/%.bpf.c,$(PKG_BPF)/%.bpf.o,$(BPF_SRCS))
 TEST_SRCS  := $(wildcard tests/bpf/*.bpf.c)
 TEST_OBJS  := $(patsubst tests/bpf/%.bpf.c,$(BUILD)/tests/%.bpf.o,$(TEST_SRCS))
-EVAL_BINS  := $(patsubst %.c,%,$(wildcard evaluate/*.c))
+EVAL_SRCS  := $(wildcard evaluate/*.bpf.c)
+EVAL_OBJS  := $(patsubst evaluate/%.bpf.c,$(BUILD)/evaluate/%.bpf.o,$(EVAL_SRCS))
+EVAL_BINS  := $(patsubst %.c,%,$(filter-out $(EVAL_SRCS),$(wildcard evaluate/*.c)))
 
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
               -I$(BUILD) -Ibpf $(LIBBPF_INC)
 
-all: check-tools $(BPF_OBJS) $(TEST_OBJS) $(EVAL_BINS) $(if $(LIBBPF_DEP),$(PKG_BPF)/libbpf.so.1) $(BUILD)/installed.stamp
+all: check-tools $(BPF_OBJS) $(TEST_OBJS) $(EVAL_OBJS) $(EVAL_BINS) $(if $(LIBBPF_DEP),$(PKG_BPF)/libbpf.so.1) $(BUILD)/installed.stamp
 
 deps:
 	apt-get update -q
@@ -87,6 +89,10 @@ $(BUILD)/tests/%.bpf.o: tests/bpf/%.bpf.c $(BUILD)/vmlinux.h $(LIBBPF_DEP) | $(B
 	$(call msg,BPF,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+$(BUILD)/evaluate/%.bpf.o: evaluate/%.bpf.c $(BUILD)/vmlinux.h $(LIBBPF_DEP) | $(BUILD)/evaluate
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
 evaluate/%: evaluate/%.c
 	$(call msg,CC,$@)
 	$(Q)$(CC) -O2 -Wall -Wextra -o $@ $< -lm
@@ -102,7 +108,7 @@ $(BUILD)/installed.stamp: pyproject.toml | $(BUILD)
 	$(Q)PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[test,plot,metrics]' $(if $(filter 1,$(V)),,>/dev/null)
 	$(Q)touch $@
 
-$(BUILD) $(BUILD)/tests $(PKG_BPF):
+$(BUILD) $(BUILD)/tests $(BUILD)/evaluate $(PKG_BPF):
 	$(Q)mkdir -p $@
 
 test: all

@@ -11,6 +11,7 @@ the rounds [min-max], and B/A. Save A before rebuilding: cp src/netbpf/bpf/bypas
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,59 +27,86 @@ from netbpf.loader import RunStats
 PINGPONG = Path(__file__).resolve().parent / "pingpong"
 
 
-def run_once(group, object_file, placement, messages):
-    """(sk_msg ns per message, p50 round trip in µs) of one ping-pong on a bypass from object_file."""
+def pingpong(group, program, placement, messages):
+    """(sk_msg ns per message, p50 round trip in µs) of one event-driven 1 KiB ping-pong in group,
+    the kernel counting the runs of program (an sk_msg program its connections go through)."""
+    with RunStats():
+        before = program.run_stats
+        proc = group.popen([str(PINGPONG), "-t", "tcp", "-m", "rtt", "-s", "1024", "-n", str(messages),
+                            "-p", placement, "-j", "200", "-e"], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=600)
+        ns, runs = (now - then for now, then in zip(program.run_stats, before))
+    if proc.returncode or not runs:
+        raise RuntimeError(f"pingpong through {program.name} failed (status {proc.returncode}, {runs} sk_msg runs)")
+    return ns / runs, json.loads(out)["p50_us"]
+
+
+def run_once(group, placement, messages, object_file):
+    """pingpong() on a bypass from object_file attached to group."""
     bypass = Bypass(str(group.path))
     bypass.object_file = object_file
     bypass.attach()
     try:
-        with RunStats():
-            before = bypass.send_program.run_stats
-            proc = group.popen([str(PINGPONG), "-t", "tcp", "-m", "rtt", "-s", "1024", "-n", str(messages),
-                                "-p", placement, "-j", "200", "-e"], stdout=subprocess.PIPE, text=True)
-            out, _ = proc.communicate(timeout=600)
-            ns, runs = (now - then for now, then in zip(bypass.send_program.run_stats, before))
+        return pingpong(group, bypass.send_program, placement, messages)
     finally:
         bypass.close()
-    if proc.returncode or not runs:
-        raise RuntimeError(f"pingpong on {object_file} failed (status {proc.returncode}, {runs} sk_msg runs)")
-    return ns / runs, json.loads(out)["p50_us"]
 
 
 def summary(values, digits=1):
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
+def add_run_arguments(parser):
+    """The options of every side-by-side run here: rounds, placement, messages."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--placement", choices=("same", "cross"), default="same")
+    parser.add_argument("--messages", type=int, default=30000)
+
+
+def refusal(args, object_files):
+    """One line that says why these arguments cannot run here, or None when they can."""
+    missing = [str(path) for path in object_files if not path.is_file()]
+    if missing:
+        return f"no object file {missing[0]}"
+    if args.rounds < 1 or args.messages < 1:
+        return "rounds and messages must be positive"
+    if os.geteuid() != 0:
+        return "must run as root (it loads BPF programs)"
+    return None
+
+
+def compare(name, runners, args):
+    """Each round runs every (label, run) of runners in turn on one child cgroup made here, in
+    reverse order every other round; returns {label: [(ns per message, p50 µs), ...]}."""
+    group = cgroup.Cgroup.create(f"netbpf-{name}-{os.getpid()}")
+    results = {label: [] for label, _ in runners}
+    try:
+        for round_ in range(args.rounds):
+            for label, run in (runners if round_ % 2 == 0 else runners[::-1]):
+                results[label].append(run(group, args.placement, args.messages))
+    finally:
+        group.remove()
+    print(f"kernel {platform.release()}, {args.placement} CPU, {args.rounds} rounds")
+    for label, values in results.items():
+        ns, p50 = zip(*values)
+        print(f"{label}: sk_msg ns/msg {summary(ns)}, p50 µs {summary(p50)}")
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m evaluate.ab", description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--placement", choices=("same", "cross"), default="same")
-    parser.add_argument("--messages", type=int, default=30000)
+    add_run_arguments(parser)
     args = parser.parse_args()
-    missing = [str(path) for path in (args.a, args.b) if not path.is_file()]
-    if missing or args.rounds < 1 or args.messages < 1:
-        print(f"evaluate.ab: {'no object file ' + missing[0] if missing else 'rounds and messages must be positive'}",
-              file=sys.stderr)
+    why = refusal(args, (args.a, args.b))
+    if why:
+        print(f"evaluate.ab: {why}", file=sys.stderr)
         return 2
-    if os.geteuid() != 0:
-        print("evaluate.ab: must run as root (it loads BPF programs)", file=sys.stderr)
-        return 2
-    group = cgroup.Cgroup.create(f"netbpf-ab-{os.getpid()}")
-    results = {"A": [], "B": []}
-    try:
-        for round_ in range(args.rounds):
-            order = (("A", args.a), ("B", args.b)) if round_ % 2 == 0 else (("B", args.b), ("A", args.a))
-            for name, path in order:
-                results[name].append(run_once(group, path, args.placement, args.messages))
-    finally:
-        group.remove()
-    print(f"kernel {platform.release()}, {args.placement} CPU, {args.rounds} rounds")
-    for name, path in (("A", args.a), ("B", args.b)):
-        ns, p50 = zip(*results[name])
-        print(f"{name} {path}: sk_msg ns/msg {summary(ns)}, p50 µs {summary(p50)}")
-    ratio = [b[0] / a[0] for a, b in zip(results["A"], results["B"])]
+    results = compare("ab", [(f"{name} {path}", functools.partial(run_once, object_file=path))
+                             for name, path in (("A", args.a), ("B", args.b))], args)
+    a, b = results.values()
+    ratio = [b_[0] / a_[0] for a_, b_ in zip(a, b)]
     print(f"B/A sk_msg ns: {summary(ratio, 3)} (per round)")
     return 0
 

@@ -35,7 +35,8 @@ def spdx(path):
 def test_every_source_names_its_licence():
     sources = tracked_sources()
     assert len(sources) > 40
-    expected = {f: "GPL-2.0" if f.startswith(("bpf/", "tests/bpf/")) else "MIT" for f in sources}
+    expected = {f: "GPL-2.0" if f.startswith(("bpf/", "tests/bpf/")) or f.endswith(".bpf.c") else "MIT"
+                for f in sources}
     assert {f: spdx(f) for f in sources} == expected
     assert (ROOT / "LICENSES" / "GPL-2.0.txt").read_text().startswith("                    GNU GENERAL PUBLIC LICENSE")
     assert "MIT License" in (ROOT / "LICENSE").read_text()
