@@ -537,7 +537,8 @@ def netbpf_objects():
         import json
 
         names |= {entry.get("name", "") for entry in json.loads(out or "[]")}
-    ours = {"bypass_sk_msg", "bypass_msg_read", "bypass_join", "bypass_splice", "bypass_sendfile", "sock_map", "sock_info",
+    ours = {"bypass_sk_msg", "bypass_msg_read", "bypass_join", "bypass_splice", "bypass_splice_r", "bypass_sendfile",
+            "sock_map", "sock_info",
             "listeners", "spliced_service", "bypass.rodata", "control", "allowed_ports", "host_addrs"}
     return names & ours
 

@@ -30,7 +30,8 @@ def test_the_bypass_loads_on_this_kernel_and_says_how_sockets_join(bypass):
     assert join["sweep"] in {alt.name for alt in SWEEP.alternatives} - REFUSED
     assert set(join["refused"]) >= REFUSED & {"tc", "iter/task_file", "iter/tcp"}
     for name, why in join["refused"].items():
-        assert why.startswith(("verifier: ", "attach: ", "refused by NETBPF_REFUSE")), (name, why)
+        assert why.startswith(("verifier: ", "load refused before the verifier ran: ", "attach: ",
+                               "refused by NETBPF_REFUSE")), (name, why)
     if "tc" not in REFUSED:
         assert join["event"] == "tc" and join["tc_attach"] in ("tcx", "tc_filter"), join
     assert bypass.feature_notes()[0].startswith("sockets join ")
@@ -51,6 +52,23 @@ def test_the_send_program_reads_its_peer_directly_where_the_kernel_can(bypass):
     in_use = next(alt.program for alt in SEND.alternatives if alt.name == join["sk_msg"])
     assert bypass.send_program.name == in_use
     assert bypass.links["sk_msg"].info()["prog_id"] == bypass.send_program.id
+
+
+def test_splice_readers_are_watched_by_fentry_where_the_kernel_permits_it(bypass):
+    """An fentry program on tcp_splice_read sees splice and sendfile readers at no cost to other
+    syscalls; where the kernel refuses it (or NETBPF_REFUSE does), the two syscall tracepoints
+    are attached instead, and the status says which."""
+    join = bypass.mechanisms()
+    watch_links = {name for name in ("splice_read", "splice", "sendfile") if name in bypass.links}
+    if "fentry" in join["refused"]:
+        assert join["splice_watch"] == "tracepoint" and watch_links == {"splice", "sendfile"}, join
+        assert "fentry" not in REFUSED or join["refused"]["fentry"] == "refused by NETBPF_REFUSE"
+    else:
+        assert join["splice_watch"] == "fentry" and watch_links == {"splice_read"}, join
+        assert bypass.links["splice_read"].info()["type"] == "tracing"
+    assert bypass.feature_notes()[0].endswith("splice readers seen by " + ("fentry on tcp_splice_read"
+                                              if join["splice_watch"] == "fentry" else
+                                              "the splice and sendfile syscall tracepoints"))
 
 
 def test_where_no_sweep_loads_attach_is_one_line_exit_2_and_leaves_nothing(cg, pin_dir):

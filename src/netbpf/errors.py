@@ -63,16 +63,19 @@ def libbpf_error(what, err, details=""):
 
 
 class VerifierError(LibbpfError):
-    """The kernel's verifier refused a program. `log` holds its complete log; `reason` the line
-    that says why (the last one before the statistics), which the message leads with, followed
-    by the source line and instructions just before it."""
+    """The kernel refused to load a program. `log` holds the verifier's complete log; `reason` the
+    line that says why (the last one before the statistics), which the message leads with,
+    followed by the source line and instructions just before it. `verified` is False when the
+    kernel refused the program before its verifier ran (EPERM for a program type this kernel's
+    policy forbids even root): `log` then holds libbpf's messages."""
 
     SUMMARY_LINES = 6
     _STATISTICS = ("processed ", "verification time", "stack depth", "-- END")
 
-    def __init__(self, program, err, log):
+    def __init__(self, program, err, log, verified=True):
         self.program = program
         self.log = log
+        self.verified = verified
         super().__init__(f"verifier rejected program '{program}'", err, log)
 
     def _explaining_lines(self):

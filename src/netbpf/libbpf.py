@@ -45,6 +45,7 @@ ffi.cdef(
     int bpf_program__set_log_buf(struct bpf_program *prog, char *log_buf, size_t log_size);
     struct bpf_link *bpf_program__attach_tracepoint(const struct bpf_program *prog,
                                                     const char *category, const char *name);
+    struct bpf_link *bpf_program__attach_trace(const struct bpf_program *prog);
     struct bpf_link *bpf_program__attach_sockmap(const struct bpf_program *prog, int map_fd);
     struct bpf_iter_link_info { uint32_t map_fd; uint32_t _rest[3]; };  /* union bpf_iter_link_info */
     struct bpf_iter_attach_opts { size_t sz; struct bpf_iter_link_info *link_info; uint32_t link_info_len; };

@@ -60,7 +60,8 @@ def load(open_object, choices, tool):
             failed = next((alt for alt in chosen.values() if alt and alt.program == exc.program), None)
             if failed is None:
                 raise
-            refused[failed.name] = f"verifier: {exc.reason or exc.strerror}"
+            refused[failed.name] = (f"verifier: {exc.reason or exc.strerror}" if exc.verified
+                                    else f"load refused before the verifier ran: {exc.strerror}")
         except BaseException:
             obj.close()
             raise

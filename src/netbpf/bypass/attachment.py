@@ -13,7 +13,7 @@ from ..types import AttachType
 from .addresses import refresh_host_addrs
 from .agent import agent_running, pinned_mechanisms, pinned_sweep, stop_agent
 from .constants import (CHOICES, DEFAULT_PIN_DIR, DEFAULT_QUEUE_FLOOR, DRAIN_TIMEOUT, EVENT_JOIN, MAPS,
-                        MECHANISMS_PIN, NAME, SCOPES, SEND, SWEEP)
+                        MECHANISMS_PIN, NAME, SCOPES, SEND, SPLICE_WATCH, SWEEP)
 from .join import Round, Sweep, agent_step, drain, run_paced
 from .report import connections, join_lines, stats
 
@@ -85,7 +85,8 @@ class Bypass(Attachment):
         tc = self.links.get("tc")
         return {"event": "tc" if tc else None, "tc_attach": tc.info()["type"] if tc else None,
                 "sweep": self.chosen[SWEEP.job].name, "refused": dict(self.refused),
-                "sk_msg": self.chosen[SEND.job].name, "sk_msg_attach": self.links["sk_msg"].kind}
+                "sk_msg": self.chosen[SEND.job].name, "sk_msg_attach": self.links["sk_msg"].kind,
+                "splice_watch": "fentry" if "splice_read" in self.links else "tracepoint"}
 
     @property
     def send_program(self):
@@ -98,13 +99,26 @@ class Bypass(Attachment):
     def _attach_links(self):
         progs, maps = self.obj.programs, self.obj.maps
         # splice readers are marked before the first socket can join
-        yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
-        yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
+        if self.chosen[SPLICE_WATCH.job]:
+            yield "splice_read", self._attach_fentry
+        if not self.chosen[SPLICE_WATCH.job]:  # none chosen, or its attach just failed
+            yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
+            yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
         yield "sk_msg", lambda: self.send_program.attach_sockmap(maps["sock_map"], self.sk_msg_link)
         yield "sweep", lambda: progs[self.chosen[SWEEP.job].program].attach_iter()
         if self.chosen[EVENT_JOIN.job]:
             yield "tc", self._attach_tc
         yield "sockops", lambda: progs["bypass_sockops"].attach_cgroup(self.cgroup)
+
+    def _attach_fentry(self):
+        """The fentry program on tcp_splice_read; None (noted as refused, and the tracepoints
+        attached instead) when the kernel loads it but cannot attach it."""
+        try:
+            return self.obj.programs[SPLICE_WATCH.alternatives[0].program].attach_trace()
+        except LibbpfError as exc:
+            self.refused[SPLICE_WATCH.alternatives[0].name] = f"attach: {exc}"
+            self.chosen[SPLICE_WATCH.job] = None
+            return None
 
     def _attach_tc(self):
         """The tc program on lo's ingress in this thread's network namespace; None (and noted as

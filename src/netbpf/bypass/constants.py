@@ -28,7 +28,11 @@ SWEEP = Choice("sweep", (Alternative("iter/task_file", "bypass_sweep_files"),
 # The send program: it reads its peer's socket directly (bpf_rdonly_cast, 6.2+) or by helper.
 SEND = Choice("send", (Alternative("sk_msg/direct", "bypass_sk_msg"),
                        Alternative("sk_msg/probe-read", "bypass_msg_read")))
-CHOICES = (EVENT_JOIN, SWEEP, SEND)
+# How splice and sendfile readers are seen: an fentry program on tcp_splice_read, which costs
+# nothing but on those reads; where the kernel takes none, the two syscalls' tracepoints (always
+# loaded), which slow down every syscall on the host while attached.
+SPLICE_WATCH = Choice("splice watch", (Alternative("fentry", "bypass_splice_read"),), required=False)
+CHOICES = (EVENT_JOIN, SWEEP, SEND, SPLICE_WATCH)
 MECHANISMS_PIN = "mechanisms"  # a symlink beside the pins whose target is the JSON of mechanisms()
 
 

@@ -131,8 +131,9 @@ def join_lines(join):
     mechanism not in use and why."""
     event = (f"at their first segment (tc on lo: {join['tc_attach'].replace('_', ' ')}) and by the sweep "
              if join["event"] else "by the sweep alone (every 20 ms while sockets may join) ")
+    watch = {"fentry": "fentry on tcp_splice_read", "tracepoint": "the splice and sendfile syscall tracepoints"}
     lines = [f"sockets join {event}({join['sweep']}); {join['sk_msg']} attached with "
-             f"{join['sk_msg_attach'].replace('_', ' ')}"]
+             f"{join['sk_msg_attach'].replace('_', ' ')}; splice readers seen by {watch[join['splice_watch']]}"]
     return lines + [f"not in use: {name}: {why}" for name, why in sorted(join["refused"].items())]
 
 

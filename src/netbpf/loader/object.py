@@ -157,7 +157,7 @@ class Object:
         verifier_log = ffi.string(log_buf).decode(errors="replace")
         failed = [m.group(1) for w in warnings for m in [re.search(r"prog '([^']+)': .*(fail|error)", w)] if m]
         if failed:  # the log is empty when the kernel refused the program before verifying it
-            return VerifierError(failed[0], err, verifier_log or "\n".join(warnings))
+            return VerifierError(failed[0], err, verifier_log or "\n".join(warnings), verified=bool(verifier_log))
         reason = warnings[-1].strip() if warnings else ""
         return LibbpfError(f"load BPF object {self.name}" + (f" ({reason})" if reason else ""),
                            err, "\n".join(warnings))

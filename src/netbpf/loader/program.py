@@ -137,6 +137,12 @@ class Program:
                 raise error
         return self._track(TcFilter.attach(self.fd, ifindex, self.name))
 
+    def attach_trace(self):
+        """Attach an fentry/fexit program to the kernel function its section names."""
+        ptr = lib.bpf_program__attach_trace(self._ptr)
+        check_ptr(ptr, f"attach {self.name} ({self.section})")
+        return self._track(Link(lib.bpf_link__fd(ptr), self.name, libbpf_link=ptr))
+
     def attach_tracepoint(self, category=None, name=None):
         """Attach to a tracepoint; by default the one in the section name (tracepoint/CAT/NAME)."""
         if category is None:
