@@ -5,10 +5,12 @@ attached to another cgroup, alternating.
 
     sudo python3 -m evaluate.bystander [--rounds N] [--messages N] [--object bypass.bpf.o]
 
-The bypass's tc program runs on every loopback segment of the namespace, the bystander's too.
-Reported: the bystander's round-trip p50 without and with, medians over the rounds [min-max], the
-ratio per round, and what the tc program cost per segment (from one more run each round, with the
-kernel's run-time statistics on).
+The bypass's tc program runs on every loopback segment of the namespace, the bystander's too;
+where its splice watch is the two syscall tracepoints (the kernel refused fentry), every syscall
+of every task takes the kernel's slow path while they are attached. Reported: the bystander's
+round-trip p50 without netbpf, with a bypass attached elsewhere, and with its splice watch alone
+loaded and attached, medians over the rounds [min-max]; the ratios per round; and what the tc
+program cost per segment (from one more run each round, with the kernel's run-time statistics on).
 """
 
 import argparse
@@ -19,9 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netbpf import cgroup
+from netbpf import cgroup, object_path
 from netbpf.bypass import Bypass
-from netbpf.loader import RunStats
+from netbpf.loader import Object, RunStats
+
+WATCH_PROGRAMS = {"fentry": ("bypass_splice_read",), "tracepoint": ("bypass_splice", "bypass_sendfile")}
 
 from .ab import PINGPONG, summary
 
@@ -45,6 +49,23 @@ def tc_cost(bypass, bystander, messages):
     return [ns / runs] if runs else []
 
 
+def splice_watch_alone(object_file, watch):
+    """The bypass object's splice watch (Bypass.mechanisms()["splice_watch"]) loaded and attached
+    without the rest of the bypass; closing the Object detaches it."""
+    obj = Object(str(object_file))
+    try:
+        for program in obj.programs.values():
+            program.set_autoload(program.name in WATCH_PROGRAMS[watch])
+        obj.load()
+        for name in WATCH_PROGRAMS[watch]:
+            program = obj.programs[name]
+            program.attach_trace() if watch == "fentry" else program.attach_tracepoint()
+    except BaseException:
+        obj.close()
+        raise
+    return obj
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m evaluate.bystander", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -61,7 +82,7 @@ def main():
         return 2
     bypassed = cgroup.Cgroup.create(f"netbpf-bystander-bypassed-{os.getpid()}")
     bystander = cgroup.Cgroup.create(f"netbpf-bystander-{os.getpid()}")
-    without, with_bypass, tc_ns = [], [], []
+    without, with_bypass, with_watch, tc_ns = [], [], [], []
     try:
         for round_ in range(args.rounds):
             if round_ % 2 == 0:
@@ -73,14 +94,19 @@ def main():
                 with_bypass.append(round_trip_p50(bystander, args.messages))
                 if bypass.mechanisms()["event"] == "tc":  # else nothing runs on the bystander's segments
                     tc_ns += tc_cost(bypass, bystander, args.messages)
+                watch = bypass.mechanisms()["splice_watch"]
+            with splice_watch_alone(args.object or object_path("bypass"), watch):
+                with_watch.append(round_trip_p50(bystander, args.messages))
             if round_ % 2 == 1:
                 without.append(round_trip_p50(bystander, args.messages))
     finally:
         bystander.remove()
         bypassed.remove()
     print(f"kernel {platform.release()}, {args.rounds} rounds of {args.messages} round trips, same CPU")
-    print(f"bystander p50 µs: no netbpf {summary(without, 2)}, bypass attached elsewhere {summary(with_bypass, 2)}")
-    print(f"with/without: {summary([b / a for a, b in zip(without, with_bypass)], 3)} (per round)")
+    print(f"bystander p50 µs: no netbpf {summary(without, 2)}, bypass attached elsewhere {summary(with_bypass, 2)}, "
+          f"its splice watch alone ({watch}) {summary(with_watch, 2)}")
+    print(f"with/without: {summary([b / a for a, b in zip(without, with_bypass)], 3)}; splice watch alone/without: "
+          f"{summary([w / a for a, w in zip(without, with_watch)], 3)} (per round)")
     print(f"tc program per segment: {summary(tc_ns, 1) if tc_ns else '- (it ran on none)'} ns")
     return 0
 
