@@ -185,19 +185,19 @@ class Bench:
         if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
             return None
         servers = {}
+        unix_path = self.workdir / "redis.sock"  # the plain server's too: AF_UNIX, what the bypass aims at
         for variant in ("plain", "bypass"):
             port = free_port()
+            unix = ["--unixsocket", str(unix_path), "--unixsocketperm", "700"] if variant == "plain" else []
             servers[variant] = (port, self.group(variant).popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 *unix], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_for_port(port)
 
         def run(variant):
-            if variant == "unix":
-                return {}
-            port = servers[variant][0]
+            where = ["-s", str(unix_path)] if variant == "unix" else ["-p", str(servers[variant][0])]
             proc = self.group(variant).popen(
-                ["redis-benchmark", "-p", str(port), "-n", "20000" if self.quick else "100000", "-c", "50",
+                ["redis-benchmark", *where, "-n", "20000" if self.quick else "100000", "-c", "50",
                  "-t", "set,get", "--csv"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             out, _ = proc.communicate(timeout=600)
             return {row.split(",")[0].strip('"'): float(row.split(",")[1].strip('"'))
@@ -213,7 +213,8 @@ class Bench:
 
     def pgbench(self):
         """PostgreSQL's pgbench, select-only (-S), 8 clients over TCP: one cluster per variant, its
-        postmaster, and so every backend, in that variant's cgroup, as the client is."""
+        postmaster, and so every backend, in that variant's cgroup, as the client is. AF_UNIX: the
+        plain cluster through its Unix socket."""
         postgres = shutil.which("postgres") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))), None)
         if not (postgres and shutil.which("pgbench") and shutil.which("runuser")):
             return None
@@ -224,11 +225,10 @@ class Bench:
         clusters = {}
 
         def run(variant):
-            if variant == "unix":
-                return {}
+            host, port = (str(home), clusters["plain"]) if variant == "unix" else ("127.0.0.1", clusters[variant])
             proc = self.group(variant).popen(
                 as_postgres + ["pgbench", "-S", "-n", "-c", "8", "-j", "2", "-T", "2" if self.quick else "5",
-                               "-h", "127.0.0.1", "-p", str(clusters[variant]), "postgres"],
+                               "-h", host, "-p", str(port), "postgres"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             out, _ = proc.communicate(timeout=120)
             return {"tps": next(float(line.split()[2]) for line in out.splitlines() if line.startswith("tps = "))}

@@ -11,7 +11,7 @@ kernel."""
 import dataclasses
 import os
 
-from .errors import MissingFeatureError, VerifierError
+from .errors import MissingFeatureError, VerifierError, strerror
 
 REFUSE_ENV = "NETBPF_REFUSE"
 
@@ -61,7 +61,7 @@ def load(open_object, choices, tool):
             if failed is None:
                 raise
             refused[failed.name] = (f"verifier: {exc.reason or exc.strerror}" if exc.verified
-                                    else f"load refused before the verifier ran: {exc.strerror}")
+                                    else f"load refused before the verifier ran: {strerror(exc.errno)}")
         except BaseException:
             obj.close()
             raise
