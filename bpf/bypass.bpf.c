@@ -1027,9 +1027,9 @@ static __always_inline void mark_spliced(struct sock *sk)
 }
 
 /* splice() and sendfile() from a TCP socket, and io_uring's splice, read it through
- * tcp_splice_read(): this runs before the read. It costs nothing elsewhere, where a syscall
- * tracepoint sends every syscall of every task on the host down the slow path (about 0.75 µs
- * more per plain 1 KiB round trip: docs/bench-results.md). */
+ * tcp_splice_read(): this runs before the read, and on nothing else. A syscall tracepoint
+ * instead sends every syscall of every task on the host down the slow path (0.35-0.75 µs more
+ * per plain 1 KiB round trip on the host: docs/bench-results.md). */
 SEC("fentry/tcp_splice_read")
 int BPF_PROG(bypass_splice_read, struct socket *sock)
 {

@@ -93,7 +93,8 @@ def test_attach_status_detach_leave_nothing_behind(cg, pin_dir):
 
 
 def test_splice_readers_are_seen_after_the_attach_command_has_exited(cg, pin_dir):
-    """The splice tracepoints are pinned links: they keep firing once `attach` has exited."""
+    """The splice watch (fentry or the tracepoints) is a pinned link: it keeps firing once
+    `attach` has exited."""
     pins = pin_dir / "bypass"
     result = run_cli("bypass", "attach", "--cgroup", cg.path, "--pin-dir", pins)
     assert result.returncode == 0, result.stderr
@@ -103,6 +104,15 @@ def test_splice_readers_are_seen_after_the_attach_command_has_exited(cg, pin_dir
         assert info["spliced"] == 1 and info["redirected_msgs"] == 0
     finally:
         assert run_cli("bypass", "detach", "--pin-dir", pins).returncode == 0
+
+
+def test_status_of_an_attachment_pinned_before_the_splice_watch_choice_names_the_tracepoints():
+    """A bypass pinned by an older netbpf recorded no splice watch: it ran the tracepoints."""
+    join = {"event": None, "sweep": "iter/tcp", "sk_msg": "sk_msg/direct", "sk_msg_attach": "bpf_link",
+            "refused": {}}
+    assert bypass.report.join_lines(join) == [
+        "sockets join by the sweep alone (every 20 ms while sockets may join) (iter/tcp); sk_msg/direct attached "
+        "with bpf link; splice readers seen by the splice and sendfile syscall tracepoints"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -133,7 +133,8 @@ def join_lines(join):
              if join["event"] else "by the sweep alone (every 20 ms while sockets may join) ")
     watch = {"fentry": "fentry on tcp_splice_read", "tracepoint": "the splice and sendfile syscall tracepoints"}
     lines = [f"sockets join {event}({join['sweep']}); {join['sk_msg']} attached with "
-             f"{join['sk_msg_attach'].replace('_', ' ')}; splice readers seen by {watch[join['splice_watch']]}"]
+             f"{join['sk_msg_attach'].replace('_', ' ')}; splice readers seen by "
+             f"{watch[join.get('splice_watch', 'tracepoint')]}"]  # pinned by an older netbpf: tracepoints
     return lines + [f"not in use: {name}: {why}" for name, why in sorted(join["refused"].items())]
 
 
