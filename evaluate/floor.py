@@ -18,7 +18,7 @@ import functools
 import sys
 from pathlib import Path
 
-from netbpf import object_path
+from netbpf import OBJECT_DIR
 from netbpf.loader import Object
 
 from .ab import add_run_arguments, compare, pingpong, refusal, run_once, summary
@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--object", type=Path, help="another build of the bypass's BPF object (default: make's)")
     add_run_arguments(parser)
     args = parser.parse_args()
-    why = refusal(args, (FLOOR_OBJECT, args.object or object_path("bypass")))
+    why = refusal(args, (FLOOR_OBJECT, args.object or OBJECT_DIR / "bypass.bpf.o"))
     if why:
         print(f"evaluate.floor: {why}", file=sys.stderr)
         return 2
