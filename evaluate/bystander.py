@@ -23,12 +23,12 @@ from pathlib import Path
 
 from netbpf import cgroup, object_path
 from netbpf.bypass import Bypass
-from netbpf.bypass.constants import SPLICE_WATCH
+from netbpf.bypass.constants import SPLICE_TRACEPOINTS, SPLICE_WATCH
 from netbpf.loader import Object, RunStats
 
 from .ab import PINGPONG, summary
 
-WATCH_PROGRAMS = {"fentry": (SPLICE_WATCH.alternatives[0].program,), "tracepoint": ("bypass_splice", "bypass_sendfile")}
+WATCH_PROGRAMS = {"fentry": (SPLICE_WATCH.alternatives[0].program,), "tracepoint": tuple(SPLICE_TRACEPOINTS.values())}
 
 
 def round_trip_p50(group, messages):

@@ -13,7 +13,7 @@ from ..types import AttachType
 from .addresses import refresh_host_addrs
 from .agent import agent_running, pinned_mechanisms, pinned_sweep, stop_agent
 from .constants import (CHOICES, DEFAULT_PIN_DIR, DEFAULT_QUEUE_FLOOR, DRAIN_TIMEOUT, EVENT_JOIN, MAPS,
-                        MECHANISMS_PIN, NAME, SCOPES, SEND, SPLICE_WATCH, SWEEP)
+                        MECHANISMS_PIN, NAME, SCOPES, SEND, SPLICE_TRACEPOINTS, SPLICE_WATCH, SWEEP)
 from .join import Round, Sweep, agent_step, drain, run_paced
 from .report import connections, join_lines, stats
 
@@ -102,8 +102,8 @@ class Bypass(Attachment):
         if self.chosen[SPLICE_WATCH.job]:
             yield "splice_read", self._attach_fentry
         if not self.chosen[SPLICE_WATCH.job]:  # none chosen, or its attach just failed
-            yield "splice", lambda: progs["bypass_splice"].attach_tracepoint()
-            yield "sendfile", lambda: progs["bypass_sendfile"].attach_tracepoint()
+            for name, program in SPLICE_TRACEPOINTS.items():
+                yield name, progs[program].attach_tracepoint
         yield "sk_msg", lambda: self.send_program.attach_sockmap(maps["sock_map"], self.sk_msg_link)
         yield "sweep", lambda: progs[self.chosen[SWEEP.job].program].attach_iter()
         if self.chosen[EVENT_JOIN.job]:

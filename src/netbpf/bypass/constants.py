@@ -32,6 +32,7 @@ SEND = Choice("send", (Alternative("sk_msg/direct", "bypass_sk_msg"),
 # nothing but on those reads; where the kernel takes none, the two syscalls' tracepoints (always
 # loaded), which slow down every syscall on the host while attached.
 SPLICE_WATCH = Choice("splice watch", (Alternative("fentry", "bypass_splice_read"),), required=False)
+SPLICE_TRACEPOINTS = {"splice": "bypass_splice", "sendfile": "bypass_sendfile"}  # link name: program
 CHOICES = (EVENT_JOIN, SWEEP, SEND, SPLICE_WATCH)
 MECHANISMS_PIN = "mechanisms"  # a symlink beside the pins whose target is the JSON of mechanisms()
 
