@@ -194,6 +194,26 @@ def test_max_entries_is_set_before_load():
             events[(9, 0)] = {"count": 1}
 
 
+def test_a_pinned_map_of_another_layout_is_refused_not_misread(probe, pin_dir):
+    """A map opened `like` one of the object must be that one's type, sizes and BTF layout:
+    reading another with this object's codecs and buffers would misread every entry."""
+    events = probe.maps["events"]
+    with netbpf.Map.create(netbpf.types.MapType.HASH, events.key_codec.size, events.value_codec.size + 8, 16) as other:
+        other.pin(pin_dir / "bigger")
+    with netbpf.Map.create(netbpf.types.MapType.ARRAY, 4, events.value_codec.size, 16) as array:
+        array.pin(pin_dir / "array")
+    with pytest.raises(netbpf.errors.LayoutError, match="values here"):
+        netbpf.Map.open_pinned(pin_dir / "bigger", like=events)
+    with pytest.raises(netbpf.errors.LayoutError, match="array map here"):
+        netbpf.Map.open_pinned(pin_dir / "array", like=events)
+    with Object(built_object("globals")) as other_object:  # an array of 4-byte values, laid out otherwise
+        other_object.load()
+        other_object.maps["globals.data"].pin(pin_dir / "data")
+    counts = netbpf.object_file("bypass").maps["cgroup_ports"]  # __u32 -> __u32, an int where .data has a struct
+    with pytest.raises(netbpf.errors.LayoutError, match="lays its values out otherwise"):
+        netbpf.Map.open_pinned(pin_dir / "data", like=counts)
+
+
 def test_pinned_map_reopens_with_the_same_btf_codecs(probe, pin_dir):
     probe.maps["events"][(1, 2)] = {"count": 11, "comm": "pinned"}
     probe.maps["events"].pin(pin_dir / "events")
@@ -401,6 +421,86 @@ def test_programs_maps_and_globals_raise_once_their_object_is_closed():
                 lambda: bss[0], lambda: globals_bss.calls, lambda: prog.attach_tracepoint()):
         with pytest.raises(ValueError, match="is closed"):
             use()
+
+
+def test_btf_of_a_closed_object_raises_instead_of_reading_freed_memory():
+    """obj.btf points into libbpf's object: once closed, it raises (in a child: a crash would
+    show as the child's death)."""
+
+    def use_after_close():
+        obj = Object(built_object("globals"))
+        btf = obj.btf
+        obj.close()
+        failures = []
+        for use in (lambda: btf.enum("nope"), lambda: btf.codec(1), lambda: btf.type_name(1)):
+            try:
+                use()
+            except ValueError as exc:
+                failures.append("is closed" in str(exc))
+        return failures
+
+    assert run_in(None, use_after_close) == [True, True, True]
+
+
+def test_a_failed_open_raises_once_and_nothing_at_collection(monkeypatch):
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(netbpf.ObjectFileError):
+        Object(b"\x7fELF" + b"\0" * 200)
+    import gc
+    gc.collect()
+    assert unraisable == []
+
+
+def mutated(data, rng):
+    """`data` with a few random bytes overwritten."""
+    damaged = bytearray(data)
+    for _ in range(rng.choice((1, 2, 4, 8, 16))):
+        damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+    return bytes(damaged)
+
+
+def open_in_a_child(data):
+    """Open `data` as an object in a forked child: "ok", "error" (a netbpf error in one line),
+    "signal N" (the child died), or what else escaped."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            with Object(data) as obj:
+                [(m.name, m.value_codec.size) for m in obj.maps.values()]
+            outcome = "ok"
+        except netbpf.NetbpfError as exc:
+            outcome = "error" if "\n" not in str(exc) and str(exc) else f"error of {str(exc).count(chr(10)) + 1} lines"
+        except BaseException as exc:  # noqa: BLE001 - what escapes is the finding
+            outcome = f"escaped {type(exc).__name__}: {exc}"
+        os.write(write_fd, outcome.encode()[:512])
+        os._exit(0)
+    os.close(write_fd)
+    outcome = os.read(read_fd, 512).decode()
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    return f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else outcome
+
+
+@pytest.mark.slow
+def test_thousands_of_damaged_objects_each_open_or_fail_in_one_line():
+    """Objects with random bytes overwritten (the tools' own and the tests'), each opened in a
+    child: libbpf never sees one that would crash it (netbpf.loader.elfcheck, and a first open
+    in a child), and every failure is one netbpf error of one line."""
+    import collections
+    import random
+
+    rng, outcomes = random.Random(2026), collections.Counter()
+    sources = [netbpf.object_path("bypass"), built_object("probe"), built_object("globals")]
+    for source in sources:
+        data = Path(source).read_bytes()
+        for _ in range(1000):
+            outcomes[open_in_a_child(mutated(data, rng))] += 1
+    print(f"\n3000 damaged objects: {dict(outcomes)}")
+    assert set(outcomes) <= {"ok", "error"}, outcomes
+    assert outcomes["error"] > 1000 and outcomes["ok"] > 100, outcomes
 
 
 def test_a_map_opened_from_a_pin_raises_after_close(probe, pin_dir):

@@ -8,6 +8,7 @@ section (.rodata, .data, .bss: a DATASEC) reads as a namedtuple of its variables
 """
 
 import collections
+import contextlib
 import enum
 import sys
 
@@ -139,12 +140,28 @@ def plain_codec(size):
     return IntCodec(size) if size in (1, 2, 4, 8) else BytesCodec(size)
 
 
-class BTF:
-    """Codecs for the types of one object's BTF (a `struct btf *` owned by the object)."""
+def layout(codec):
+    """What a codec reads, as a comparable value: sizes, offsets, member names, nesting."""
+    if isinstance(codec, StructCodec):
+        return ("union" if codec.union else "struct", codec.size,
+                tuple((name, offset, layout(member)) for name, offset, member in codec.members))
+    if isinstance(codec, ArrayCodec):
+        return ("array", codec.count, layout(codec.elem))
+    return (type(codec).__name__, codec.size)
 
-    def __init__(self, btf_ptr):
-        self._btf = btf_ptr
+
+class BTF:
+    """Codecs for the types of one BTF (a `struct btf *` its owner frees: an object, or
+    kernel_btf()). `alive()` raises once the owner has freed it: every read checks first."""
+
+    def __init__(self, btf_ptr, alive=lambda: None):
+        self._ptr, self._alive = btf_ptr, alive
         self._cache = {}
+
+    @property
+    def _btf(self):
+        self._alive()
+        return self._ptr
 
     def _type(self, type_id):
         t = lib.btf__type_by_id(self._btf, type_id)
@@ -243,3 +260,22 @@ class BTF:
     def type_name(self, type_id):
         """The name of a BTF type ('.rodata' for a section), '' when it has none."""
         return self.name(self._type(type_id)) if type_id else ""
+
+
+@contextlib.contextmanager
+def kernel_btf(btf_id):
+    """The BTF the kernel holds as `btf_id` (a pinned map's), freed when the block ends."""
+    ptr = lib.btf__load_from_kernel_by_id(btf_id)
+    if ptr == ffi.NULL:
+        raise LookupError(f"no BTF {btf_id} in the kernel")
+    freed = []
+
+    def alive():
+        if freed:
+            raise ValueError(f"BTF {btf_id} is freed")
+
+    try:
+        yield BTF(ptr, alive)
+    finally:
+        freed.append(True)
+        lib.btf__free(ptr)

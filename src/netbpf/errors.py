@@ -29,6 +29,11 @@ class MissingFeatureError(UsageError):
     one line and exit 2, as for bad input, and nothing stays attached."""
 
 
+class LayoutError(UsageError):
+    """A pinned map does not have the layout this netbpf's object gives it (another build pinned
+    it): reading it would misread every entry."""
+
+
 class ObjectFileError(NetbpfError):
     """A BPF object file is missing, unreadable or not a BPF ELF object."""
 

@@ -82,6 +82,8 @@ ffi.cdef(
     const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
     const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
     int32_t btf__find_by_name_kind(const struct btf *btf, const char *type_name, uint32_t kind);
+    struct btf *btf__load_from_kernel_by_id(uint32_t id);
+    void btf__free(struct btf *btf);
 
     int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
     int bpf_link_detach(int link_fd);
@@ -122,6 +124,8 @@ ffi.cdef(
     struct bpf_map_info {
         uint32_t type; uint32_t id; uint32_t key_size; uint32_t value_size;
         uint32_t max_entries; uint32_t map_flags; char name[16];
+        uint32_t ifindex; uint32_t btf_vmlinux_value_type_id; uint64_t netns_dev; uint64_t netns_ino;
+        uint32_t btf_id; uint32_t btf_key_type_id; uint32_t btf_value_type_id; uint32_t _pad;
     };
     struct bpf_link_info {
         uint32_t type; uint32_t id; uint32_t prog_id; uint32_t _pad;

@@ -7,7 +7,7 @@ import os
 from collections.abc import MutableMapping
 
 from .. import btf as _btf
-from ..errors import LibbpfError, NotSupportedError, check, libbpf_error
+from ..errors import LayoutError, LibbpfError, NotSupportedError, check, libbpf_error
 from ..libbpf import ffi, lib
 from ..types import BATCH_MAP_TYPES, PERCPU_MAP_TYPES, MapType, UpdateFlags, named
 from .kernel import obj_get, obj_info
@@ -22,6 +22,30 @@ def _add(a, b):
     if isinstance(a, (list, tuple)):
         return [_add(x, y) for x, y in zip(a, b)]
     return a + b
+
+
+def _check_like(info, like):
+    """A map opened `like` one of an object is read with that one's codecs and buffer sizes: its
+    type, key and value sizes, and (where both carry BTF) the layout of its keys and values must
+    be that map's. LayoutError says what differs."""
+    where = f"map {like.name}"
+    if info.type != like.type:
+        raise LayoutError(f"{where} is a {named(MapType, info.type).name.lower()} map here, "
+                          f"a {like.type.name.lower()} map in this build")
+    sizes = (info.key_size, info.value_size)
+    if sizes != (like.key_codec.size, like.value_codec.size):
+        raise LayoutError(f"{where} has {sizes[0]}-byte keys and {sizes[1]}-byte values here, "
+                          f"{like.key_codec.size} and {like.value_codec.size} in this build")
+    if not info.btf_id or like.object is None or like.object.btf is None:
+        return
+    try:
+        with _btf.kernel_btf(info.btf_id) as btf:
+            for what, type_id, codec in (("keys", info.btf_key_type_id, like.key_codec),
+                                         ("values", info.btf_value_type_id, like.value_codec)):
+                if type_id and _btf.layout(btf.codec(type_id)) != _btf.layout(codec):
+                    raise LayoutError(f"{where} lays its {what} out otherwise here than this build does")
+    except LookupError:  # the kernel freed that BTF (no program holds it): the sizes are what is left
+        return
 
 
 class Map(MutableMapping):
@@ -79,6 +103,12 @@ class Map(MutableMapping):
     @classmethod
     def _of_fd(cls, fd, like):
         info = obj_info(fd, "bpf_map_info")
+        if like is not None:
+            try:
+                _check_like(info, like)
+            except BaseException:
+                os.close(fd)
+                raise
         key = like.key_codec if like is not None else _btf.plain_codec(info.key_size)
         value = like.value_codec if like is not None else _btf.plain_codec(info.value_size)
         self = cls(ffi.string(info.name).decode(), info.type, key, value, like.section if like is not None else "")

@@ -3,17 +3,18 @@
 variables; libbpf's messages routed to logging (and into the error of a failed load)."""
 
 import errno
-import io
+import hashlib
 import logging
+import os
 import re
+import signal
 import threading
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
+import time
 
 from .. import btf as _btf
-from ..errors import LibbpfError, ObjectFileError, VerifierError, check_ptr
+from ..errors import LibbpfError, NetbpfError, ObjectFileError, VerifierError, check_ptr
 from ..libbpf import ffi, lib, libc
+from . import elfcheck
 from .map import Map
 from .program import Program
 
@@ -47,25 +48,57 @@ def _libbpf_print(level, fmt, va_list_ap):
 
 lib.libbpf_set_print(_libbpf_print)
 
-def _check_elf(path_or_bytes):
-    """A clear error for a file that is not a BPF object, before libbpf sees it."""
+def _read(path_or_bytes):
+    """The bytes of an object file (or the bytes given)."""
+    if isinstance(path_or_bytes, bytes):
+        return path_or_bytes
     try:
-        stream = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb")
+        with open(path_or_bytes, "rb") as stream:
+            return stream.read()
     except FileNotFoundError:
         raise ObjectFileError(f"BPF object {path_or_bytes} not found (run `make`)") from None
     except OSError as exc:
         raise ObjectFileError(f"cannot read BPF object {path_or_bytes}: {exc.strerror}") from None
-    with stream:
-        try:
-            machine = ELFFile(stream).header["e_machine"]
-        except ELFError as exc:
-            raise ObjectFileError(f"{_describe(path_or_bytes)} is not an ELF file: {exc}") from None
-    if machine != "EM_BPF":
-        raise ObjectFileError(f"{_describe(path_or_bytes)} is not a BPF object (ELF machine {machine})")
 
 
 def _describe(path_or_bytes):
     return f"<{len(path_or_bytes)} bytes>" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+
+
+_accepted = set()  # digests of the objects that passed _check_object in this process
+PREFLIGHT_TIMEOUT = 30.0
+
+
+def _check_object(path_or_bytes):
+    """ObjectFileError unless the object is well-formed (elfcheck) and libbpf can open it without
+    crashing: the first time this process meets an object it is opened in a forked child first,
+    and a child killed by a signal (or hung) means libbpf cannot parse it safely."""
+    data, what = _read(path_or_bytes), _describe(path_or_bytes)
+    digest = hashlib.sha256(data).digest()
+    if digest in _accepted:
+        return
+    elfcheck.check(data, what)
+    pid = os.fork()
+    if pid == 0:  # only libbpf runs here: no Python callback, no lock another thread may hold
+        lib.libbpf_set_print(ffi.NULL)
+        obj = lib.bpf_object__open_mem(ffi.from_buffer(data), len(data), ffi.NULL)
+        if obj != ffi.NULL:
+            lib.bpf_object__close(obj)
+        os._exit(0)
+    deadline = time.monotonic() + PREFLIGHT_TIMEOUT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise ObjectFileError(f"libbpf did not finish reading {what} within {PREFLIGHT_TIMEOUT:g} s")
+        time.sleep(0.001)
+    if os.WIFSIGNALED(status):
+        raise ObjectFileError(f"libbpf crashed reading {what} ({signal.Signals(os.WTERMSIG(status)).name}): "
+                              "the object is damaged")
+    _accepted.add(digest)
 
 
 class Object:
@@ -75,25 +108,33 @@ class Object:
     such section)."""
 
     def __init__(self, source):
-        _check_elf(source)
-        self.source = source
+        self._obj, self._links, self._edits = None, [], []  # _edits: changes before load, replayed on a copy
+        self.source, self.loaded = source, False
+        _check_object(source)
         if isinstance(source, bytes):
             self._keep = ffi.from_buffer(source)  # libbpf keeps a pointer until load
             ptr = lib.bpf_object__open_mem(self._keep, len(source), ffi.NULL)
         else:
             ptr = lib.bpf_object__open_file(str(source).encode(), ffi.NULL)
         self._obj = check_ptr(ptr, f"open BPF object {_describe(source)}")
-        self.name = ffi.string(lib.bpf_object__name(self._obj)).decode()
+        try:
+            self._describe_contents()
+        except NetbpfError:
+            self.close()
+            raise
+        except Exception as exc:  # what libbpf accepted but Python cannot read (names, BTF)
+            self.close()
+            raise ObjectFileError(f"BPF object {_describe(source)} cannot be read: {exc}") from None
+
+    def _describe_contents(self):
+        self.name = ffi.string(lib.bpf_object__name(self._obj)).decode(errors="replace")
         btf_ptr = lib.bpf_object__btf(self._obj)
-        self.btf = _btf.BTF(btf_ptr) if btf_ptr != ffi.NULL else None
+        self.btf = _btf.BTF(btf_ptr, lambda: self._alive("its BTF")) if btf_ptr != ffi.NULL else None
         self.programs = _Named("program", self._iter(lib.bpf_object__next_program, Program))
         self.maps = _Named("map", self._iter(lib.bpf_object__next_map, Map._of_object))
         sections = {m.section: m for m in self.maps.values() if m.section in GLOBAL_SECTIONS}
         self.rodata, self.data, self.bss = (Globals(sections[name]) if name in sections else None
                                             for name in GLOBAL_SECTIONS)
-        self.loaded = False
-        self._links = []
-        self._edits = []  # changes before load, replayed on a copy to read a long verifier log
 
     def _iter(self, next_fn, wrap):
         items, ptr = [], next_fn(self._obj, ffi.NULL)
@@ -105,8 +146,8 @@ class Object:
     def _alive(self, user=None):
         """The libbpf object; ValueError once closed (`user`: the program or map asking)."""
         if self._obj is None:
-            raise ValueError(f"{user}: its object {self.name} is closed" if user else
-                             f"BPF object {self.name} is closed")
+            name = getattr(self, "name", _describe(self.source))
+            raise ValueError(f"{user}: its object {name} is closed" if user else f"BPF object {name} is closed")
         return self._obj
 
     def _edit(self, kind, name, value):
