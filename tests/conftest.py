@@ -79,6 +79,28 @@ def bypass(cg):
 
 
 @pytest.fixture
+def host_ipv4():
+    """One of this host's own IPv4 addresses other than loopback (what `--scope host` takes). A
+    host without one (a VM guest) gets a dummy interface with 192.0.2.77 for the test."""
+    import socket
+    import subprocess
+
+    from netbpf.bypass import host_addresses
+
+    for family, packed in host_addresses():
+        if family == socket.AF_INET and packed[0] != 127:
+            yield socket.inet_ntoa(packed[:4])
+            return
+    subprocess.run(["ip", "link", "add", "nbtest0", "type", "dummy"], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "192.0.2.77/32", "dev", "nbtest0"], check=True)
+        subprocess.run(["ip", "link", "set", "nbtest0", "up"], check=True)
+        yield "192.0.2.77"
+    finally:
+        subprocess.run(["ip", "link", "del", "nbtest0"], capture_output=True)
+
+
+@pytest.fixture
 def pin_dir():
     """A per-test directory in bpffs; whatever is pinned there is removed afterwards."""
     mounts.ensure_bpffs()
@@ -101,7 +123,7 @@ def remove_pins(path):
         if named.is_symlink():
             Link.open_pinned(named.parent).detach()
     for sub in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        sub.rmdir() if sub.is_dir() else sub.unlink()
+        sub.rmdir() if sub.is_dir() and not sub.is_symlink() else sub.unlink()
     Path(path).rmdir()
 
 

@@ -5,6 +5,7 @@ demand: bpffs (pins), tracefs (libbpf finds tracepoint ids there) and cgroup v2.
 import os
 import subprocess
 
+from . import system
 from .errors import UsageError
 
 BPFFS = "/sys/fs/bpf"
@@ -18,8 +19,10 @@ def mount_points(fstype):
 
 
 def ensure_bpffs(path=BPFFS):
-    """Mount bpffs at `path` when it is not mounted there (needs root)."""
-    _ensure_mounted("bpf", path)
+    """Mount bpffs at `path` when it is not mounted there (needs root), root's alone (mode
+    0700): bpffs mounted without a mode is writable by every user (1777), who could then make
+    directories and notes where a tool's pins go."""
+    _ensure_mounted("bpf", path, "-o", "mode=0700")
 
 
 def ensure_tracefs(path=TRACEFS):
@@ -27,15 +30,23 @@ def ensure_tracefs(path=TRACEFS):
     _ensure_mounted("tracefs", path)
 
 
-def _ensure_mounted(fstype, path):
+def _ensure_mounted(fstype, path, *options):
     if path in mount_points(fstype):
         return
     try:
         os.makedirs(path, exist_ok=True)
-        subprocess.run(["mount", "-t", fstype, fstype, path], check=True, capture_output=True, text=True)
+        system.run("mount", "-t", fstype, *options, fstype, path, check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         raise UsageError(f"{fstype} is not mounted at {path} and mounting it failed: {detail.strip()}") from None
+
+
+def bpffs_mount_of(path):
+    """The bpffs mount point that `path` (absolute, normalized) lies on, read as written (no
+    symlink followed), or None."""
+    path = str(path)
+    found = [m for m in mount_points("bpf") if path == m or path.startswith(m.rstrip("/") + "/")]
+    return max(found, key=len) if found else None
 
 
 def is_bpffs(path):

@@ -11,10 +11,11 @@ whose target is their text (bypass: "mechanisms")."""
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from . import mounts, object_file
-from .errors import NetbpfError, UsageError
+from .errors import LayoutError, NetbpfError, UsageError
 from .loader import Link, Map
 
 
@@ -23,16 +24,61 @@ def pin_name(map_name):
 
 
 def check_pin_dir(path):
-    """A pin directory must be on bpffs (mounted on demand at /sys/fs/bpf)."""
-    path = Path(path)
+    """A pin directory must be on bpffs (mounted on demand at /sys/fs/bpf), and safe to act on
+    (trusted_below_mount)."""
+    path = Path(os.path.normpath(path))
+    if not path.is_absolute():
+        raise UsageError(f"pin directory {path} is not an absolute path")
     if str(path).startswith(mounts.BPFFS):
         mounts.ensure_bpffs()
-    parent = path if path.exists() else path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not mounts.is_bpffs(parent):
-        raise UsageError(f"pin directory {path} is not on a bpffs mount")
+    trusted_below_mount(path)
     return path
+
+
+def trusted_below_mount(path):
+    """Check that every directory of `path` below its bpffs mount that exists is a directory
+    (not a symlink), this user's (root's) and writable by nobody else: whoever can write one of
+    them can plant notes and pins there that a later detach would act on (a tc filter of any
+    interface, a link). Returns the mount point."""
+    mount = mounts.bpffs_mount_of(path)
+    if mount is None:
+        raise UsageError(f"pin directory {path} is not on a bpffs mount")
+    directory = Path(mount)
+    for part in path.relative_to(mount).parts:
+        directory = directory / part
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            break
+        _check_trusted(directory, st)
+    return mount
+
+
+def _check_trusted(directory, st):
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"pin directory: {directory} is a symlink; netbpf does not follow links there")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"pin directory: {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"pin directory: {directory} belongs to uid {st.st_uid}, not to this user "
+                         f"(uid {os.geteuid()}); remove it or choose another --pin-dir")
+    if st.st_mode & 0o022:
+        raise UsageError(f"pin directory: {directory} is writable by others (mode {st.st_mode & 0o7777:o}); "
+                         "remove it or choose another --pin-dir")
+
+
+def make_pin_dir(path):
+    """Create the directories of `path` that are missing, 0700, checking each that exists (one
+    made by someone else meanwhile included)."""
+    mount = trusted_below_mount(path)
+    directory = Path(mount)
+    for part in path.relative_to(mount).parts:
+        directory = directory / part
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        _check_trusted(directory, os.lstat(directory))
 
 
 class PinDir:
@@ -68,11 +114,17 @@ class PinDir:
 
     @contextlib.contextmanager
     def maps(self):
-        """The tool's pinned maps by name, decoded with its object file's BTF; closed afterwards."""
+        """The tool's pinned maps by name, decoded with its object file's BTF; closed afterwards.
+        Pins of another layout (another build of netbpf pinned them) raise LayoutError."""
         obj, opened = object_file(self.tool.NAME), {}
+        trusted_below_mount(self.path)
         try:
             for name in self.tool.MAPS:
-                opened[name] = Map.open_pinned(self.path / pin_name(name), like=obj.maps[name])
+                try:
+                    opened[name] = Map.open_pinned(self.path / pin_name(name), like=obj.maps[name])
+                except LayoutError as exc:
+                    raise LayoutError(f"the pins in {self.path} were made by another build of netbpf: {exc} "
+                                      "(detach them with that build, or remove the directory)") from None
             yield opened
         finally:
             for pinned in opened.values():
@@ -84,13 +136,9 @@ class PinDir:
         obj = object_file(self.tool.NAME)
         for name in self.tool.MAPS:
             try:
-                pinned = Map.open_pinned(self.path / pin_name(name))
-            except NetbpfError:
+                Map.open_pinned(self.path / pin_name(name), like=obj.maps[name]).close()
+            except NetbpfError:  # LayoutError among them
                 return False
-            with pinned:
-                ours = obj.maps[name]
-                if (pinned.key_codec.size, pinned.value_codec.size) != (ours.key_codec.size, ours.value_codec.size):
-                    return False
         return True
 
     def pin(self, maps, links):
@@ -98,7 +146,7 @@ class PinDir:
         what was pinned."""
         if self.occupied():
             raise UsageError(f"{self.tool.NAME} is already attached with pins in {self.path} (detach it first)")
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_pin_dir(self.path)
         try:
             for name in self.tool.MAPS:
                 maps[name].pin(self.path / pin_name(name))
@@ -110,6 +158,7 @@ class PinDir:
 
     def detach(self, *names):
         """Detach these pinned links now (whoever else holds them) and remove their pins."""
+        trusted_below_mount(self.path)
         for name in names:
             if self.has(name):
                 self.link(name).detach()
@@ -119,6 +168,7 @@ class PinDir:
         parents left empty below the bpffs mount. False when nothing was pinned."""
         if not self.occupied():
             return False
+        trusted_below_mount(self.path)
         maps = {pin_name(name) for name in self.tool.MAPS}
         for entry in sorted(self.path.iterdir()):
             if entry.is_symlink():  # a note

@@ -5,13 +5,14 @@ __u32 words of the C structs."""
 import ipaddress
 import json
 import socket
-import subprocess
 import sys
+
+from .. import system
 
 
 def host_addresses():
     """This host's own addresses as (family, 16-byte packed address), from `ip -j addr`."""
-    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    out = system.run("ip", "-j", "addr", "show", capture_output=True, text=True, check=True).stdout
     addrs = []
     for iface in json.loads(out):
         for entry in iface.get("addr_info", []):

@@ -32,12 +32,24 @@ def pinned_sweep(pins, maps):
                     maps["netns_seen"])
 
 
+# How `attach` starts the agent: Python isolated (-I: no current directory, user site or
+# PYTHON* variables on its path) and importing netbpf from where this process did, from /. A
+# plain `python -m netbpf.bypass` would import a netbpf/ found in the current directory first,
+# and the agent runs as root.
+AGENT_CODE = "import sys; sys.path.insert(0, sys.argv.pop(1)); from netbpf.bypass.cli import main; main()"
+
+
+def agent_command(pin_dir):
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory that holds netbpf/
+    return [sys.executable, "-I", "-c", AGENT_CODE, package_root, "agent", "--pin-dir", str(pin_dir)]
+
+
 def start_agent(pins, timeout=60.0):
     """The background process that runs the sweep of a pinned bypass, once it has said in the
     control map that it runs (so that a `status` right after `attach` sees it)."""
-    agent = subprocess.Popen([sys.executable, "-m", "netbpf.bypass", "agent", "--pin-dir", str(pins.path)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
+    agent = subprocess.Popen(agent_command(pins.path), cwd="/", stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             close_fds=True)
     deadline = time.monotonic() + timeout
     with pins.maps() as maps:
         while maps["control"][0].agent_pid != agent.pid and time.monotonic() < deadline:
@@ -55,7 +67,7 @@ def agent_running(pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    bypass = b"netbpf.bypass" in cmdline or b"bypass" in cmdline
+    bypass = b"netbpf.bypass" in cmdline or b"bypass" in cmdline or AGENT_CODE.encode() in cmdline
     return bool(pid) and bypass and (b"agent" in cmdline or b"serve" in cmdline)
 
 

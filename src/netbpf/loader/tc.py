@@ -6,8 +6,8 @@ import errno
 import json
 import os
 import socket
-import subprocess
 
+from .. import system
 from ..errors import LibbpfError
 from ..libbpf import ffi, lib
 from ..types import TcAttachPoint
@@ -25,8 +25,7 @@ def _tc_filters_on(ifindex):
     name = socket.if_indextoname(ifindex)
     count = 0
     for direction in ("ingress", "egress"):
-        out = subprocess.run(["tc", "-j", "filter", "show", "dev", name, direction],
-                             capture_output=True, text=True).stdout
+        out = system.run("tc", "-j", "filter", "show", "dev", name, direction, capture_output=True, text=True).stdout
         count += len(json.loads(out or "[]"))
     return count
 
