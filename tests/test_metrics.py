@@ -200,3 +200,23 @@ def test_a_metrics_port_in_use_is_one_line_and_nothing_stays_attached(cg):
     assert result.returncode == 2 and "cannot serve metrics" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert not bpf_loaded("bypass_")  # the port is taken before anything is attached
+
+
+def test_the_endpoint_answers_while_idle_clients_hold_connections_and_closes_them():
+    """Clients that connect and send nothing (or more of them than the endpoint serves at once)
+    neither keep a scrape from being answered nor hold their connection past the read timeout."""
+    from netbpf import metrics
+
+    reg = metrics.registry(lambda: ("/test", {"n": 1}),
+                           lambda stats: [metrics.counter("netbpf_test_total", "a test", stats["n"])])
+    with metrics.Server(reg, ("127.0.0.1", 0)) as server:
+        port = server.http.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4 * server.http.MAX_CLIENTS)]
+        try:
+            # the slots free up as the idle clients time out: a scrape gets its answer by then
+            assert wait_for(lambda: scrape(port), server.http.READ_TIMEOUT + 10), "no answer with idle clients"
+            for conn in idle:  # each was closed: at once beyond the limit, else after the read timeout
+                conn.settimeout(server.http.READ_TIMEOUT + 10)
+                assert conn.recv(1) == b""
+        finally:
+            close_all(*idle)

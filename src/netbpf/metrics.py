@@ -78,20 +78,55 @@ def text(reg):
     return _client().generate_latest(reg).decode()
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CLIENTS requests at a time, each with READ_TIMEOUT seconds for every read: a
+    client that connects and says nothing (or too many of them) costs a thread for a moment, not
+    the endpoint. Connections beyond the limit are closed at once."""
+
+    MAX_CLIENTS = 8
+    READ_TIMEOUT = 5.0
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(self.MAX_CLIENTS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.READ_TIMEOUT)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class _BoundedServer6(_BoundedServer):
+    address_family = socket.AF_INET6
+
+
 class Server:
-    """The registry served over HTTP on (host, port) in a background thread until close()."""
+    """The registry served over HTTP on (host, port) in a background thread until close()
+    (_BoundedServer: a few clients at a time, each read with a deadline)."""
 
     def __init__(self, reg, address):
         handler = _client().exposition.MetricsHandler.factory(reg)
         host, port = address
-        server_class = ThreadingHTTPServer
+        server_class = _BoundedServer
         if host and ipaddress.ip_address(host).version == 6:
-            server_class = type("HTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            server_class = _BoundedServer6
         try:
             self.http = server_class((host, port), handler)
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {host or '*'}:{port}: {exc.strerror}") from None
-        self.http.daemon_threads = True
         self.thread = threading.Thread(target=self.http.serve_forever, name="netbpf-metrics", daemon=True)
         self.thread.start()
 
