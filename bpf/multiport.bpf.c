@@ -7,7 +7,10 @@
  *   getsockname4/6 a remapped socket reports the virtual port
  *   connect4/6     a client in the same cgroup connecting to a local address on a virtual port
  *                  reaches one of the listeners (chosen uniformly); getpeername reports the
- *                  virtual port. sendmsg/recvmsg do the same for UDP datagrams.
+ *                  virtual port. One that finds no listener there while connecting to a
+ *                  loopback address is refused (ECONNREFUSED), as without any listener: it never
+ *                  reaches a process outside the cgroup that bound the virtual port's number
+ *                  itself. sendmsg/recvmsg do the same for UDP datagrams.
  *   sock_release   forget the socket
  */
 #include "vmlinux.h"
@@ -83,6 +86,21 @@ static __always_inline __u8 protocol_of(__u32 type)
 
 /* --- bind --- */
 
+/* Whether an IPv6 socket takes no IPv4 (IPV6_V6ONLY; settable only before bind, so final here). */
+static __always_inline __u8 v6only(struct bpf_sock *sk)
+{
+	struct tcp6_sock *tcp;
+	struct udp6_sock *udp;
+
+	if (sk->family != AF_INET6)
+		return 0;
+	tcp = bpf_skc_to_tcp6_sock(sk);
+	if (tcp)
+		return tcp->tcp.inet_conn.icsk_inet.sk.__sk_common.skc_ipv6only;
+	udp = bpf_skc_to_udp6_sock(sk);
+	return udp ? udp->udp.inet.sk.__sk_common.skc_ipv6only : 0;
+}
+
 static __always_inline int on_bind(struct bpf_sock_addr *ctx)
 {
 	__u16 port = bpf_ntohs(ctx->user_port);
@@ -100,6 +118,7 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx)
 		return 1;
 	state->virtual_port = port;
 	state->real_port = 0;
+	state->v6only = v6only(sk);
 	ctx->user_port = 0; /* the kernel picks a free port: a remapped bind never collides */
 	COUNT(binds_remapped);
 	return 1;
@@ -134,6 +153,7 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 	m.real_port = sk->src_port;
 	m.protocol = sk->protocol;
 	m.family = sk->family;
+	m.v6only = state->v6only;
 	m.pid = bpf_get_current_pid_tgid() >> 32;
 	m.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(m.comm, sizeof(m.comm));
@@ -145,7 +165,8 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 	} else {
 		m.addr[0] = sk->src_ip4;
 	}
-	bpf_map_update_elem(&mappings, &cookie, &m, BPF_ANY);
+	if (bpf_map_update_elem(&mappings, &cookie, &m, BPF_ANY))
+		COUNT(mappings_full);
 
 	rkey.port = m.real_port;
 	rkey.protocol = m.protocol;
@@ -154,7 +175,9 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, int v6)
 	__builtin_memcpy(rval.addr, m.addr, sizeof(rval.addr));
 	rval.cookie = cookie;
 	rval.cgroup_id = m.cgroup_id;
-	bpf_map_update_elem(&real_ports, &rkey, &rval, BPF_ANY);
+	rval.v6only = m.v6only;
+	if (bpf_map_update_elem(&real_ports, &rkey, &rval, BPF_ANY))
+		COUNT(mappings_full);
 	return 1;
 }
 
@@ -249,13 +272,13 @@ static __always_inline int is_loopback_dest(const struct pick *p)
 
 /* Can a socket of `family` bound to `addr` (as in struct mapping) be pick->dest, the address
  * a client sends to or a datagram comes from? A wildcard socket only through loopback: another
- * address may be another host. */
-static __always_inline int reachable(__u8 family, const __u32 *addr, const struct pick *p)
+ * address may be another host. "::" takes IPv4 too, unless IPV6_V6ONLY. */
+static __always_inline int reachable(__u8 family, __u8 v6only, const __u32 *addr, const struct pick *p)
 {
 	if (family == AF_INET)
 		return p->v4 && (addr[0] == p->dest[3] || (addr[0] == 0 && is_loopback_dest(p)));
 	if (is_any6(addr))
-		return is_loopback_dest(p); /* "::" takes IPv4 too unless IPV6_V6ONLY, which the hook cannot see */
+		return is_loopback_dest(p) && !(p->v4 && v6only);
 	return addr[0] == p->dest[0] && addr[1] == p->dest[1] && addr[2] == p->dest[2] && addr[3] == p->dest[3];
 }
 
@@ -278,7 +301,7 @@ static __always_inline void set_dest(struct pick *p, struct bpf_sock_addr *ctx, 
 static long consider(struct bpf_map *map, __u64 *cookie, struct mapping *m, struct pick *p)
 {
 	if (m->cgroup_id != p->cgroup_id || m->virtual_port != p->virtual_port ||
-	    m->protocol != p->protocol || !reachable(m->family, m->addr, p))
+	    m->protocol != p->protocol || !reachable(m->family, m->v6only, m->addr, p))
 		return 0;
 	p->seen++;
 	if (bpf_get_prandom_u32() % p->seen == 0)
@@ -286,15 +309,19 @@ static long consider(struct bpf_map *map, __u64 *cookie, struct mapping *m, stru
 	return 0;
 }
 
-/* The real port to use instead of virtual port `port` at `dest`, or 0. */
-static __always_inline __u16 choose_listener(struct bpf_sock_addr *ctx, __u16 port, __u8 protocol, int v6)
+/* The real port to use instead of virtual port `port` at `dest`, or 0; `loopback` says whether
+ * dest is a loopback address. */
+static __always_inline __u16 choose_listener(struct bpf_sock_addr *ctx, __u16 port, __u8 protocol, int v6,
+					     int *loopback)
 {
 	struct pick p = { .virtual_port = port, .protocol = protocol };
 
+	*loopback = 0;
 	if (!is_virtual(port))
 		return 0;
 	p.cgroup_id = bpf_get_current_cgroup_id();
 	set_dest(&p, ctx, v6);
+	*loopback = is_loopback_dest(&p);
 	bpf_for_each_map_elem(&mappings, consider, &p, 0);
 	return p.chosen;
 }
@@ -304,12 +331,17 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)
 	__u16 port = bpf_ntohs(ctx->user_port), real;
 	struct bpf_sock *sk = ctx->sk;
 	struct sock_state *state;
+	int loopback;
 
 	if (!sk || !is_virtual(port))
 		return 1;
-	real = choose_listener(ctx, port, protocol_of(ctx->type), v6);
+	real = choose_listener(ctx, port, protocol_of(ctx->type), v6, &loopback);
 	if (!real) {
 		COUNT(connects_no_listener);
+		/* Port 0 has no listener anywhere: the connect fails as if none listened on the
+		 * virtual port, instead of reaching whoever outside the cgroup bound its number. */
+		if (loopback && ctx->type == SOCK_STREAM_)
+			ctx->user_port = 0;
 		return 1;
 	}
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -338,8 +370,9 @@ int mp_connect6(struct bpf_sock_addr *ctx)
 static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, int v6)
 {
 	__u16 port = bpf_ntohs(ctx->user_port), real;
+	int loopback;
 
-	real = choose_listener(ctx, port, IPPROTO_UDP_, v6);
+	real = choose_listener(ctx, port, IPPROTO_UDP_, v6, &loopback);
 	if (real) {
 		ctx->user_port = bpf_htons(real);
 		COUNT(datagrams_redirected);
@@ -371,7 +404,7 @@ static __always_inline int on_recvmsg(struct bpf_sock_addr *ctx, int v6)
 	if (!rp || rp->cgroup_id != bpf_get_current_cgroup_id())
 		return 1;
 	set_dest(&source, ctx, v6);
-	if (!reachable(rp->family, rp->addr, &source))
+	if (!reachable(rp->family, rp->v6only, rp->addr, &source))
 		return 1;
 	ctx->user_port = bpf_htons(rp->virtual_port);
 	COUNT(names_rewritten);

@@ -11,7 +11,8 @@ struct mapping {
 	__u16 real_port;
 	__u8 protocol;      /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 family;        /* AF_INET or AF_INET6 */
-	__u16 _pad;
+	__u8 v6only;        /* IPV6_V6ONLY was set before bind: "::" takes no IPv4 */
+	__u8 _pad;
 	__u32 pid;
 	__u32 addr[4];      /* the address bound, network order (IPv4 in addr[0]) */
 	__u64 cgroup_id;
@@ -28,7 +29,7 @@ struct real_port_key {
 struct real_port {
 	__u16 virtual_port;
 	__u8 family;        /* of the socket that owns it, and the address it bound (as in mapping) */
-	__u8 _pad;
+	__u8 v6only;
 	__u32 addr[4];
 	__u64 cookie;       /* the socket that owns it: only that socket's release removes it */
 	__u64 cgroup_id;
@@ -40,6 +41,8 @@ struct sock_state {
 	__u16 real_port;
 	__u16 peer_virtual; /* we redirected its connect: getpeername shows peer_virtual for peer_real */
 	__u16 peer_real;
+	__u8 v6only;        /* IPV6_V6ONLY at bind (it cannot change after bind) */
+	__u8 _pad[3];
 };
 
 struct multiport_counters {
@@ -50,6 +53,7 @@ struct multiport_counters {
 	__u64 datagrams_redirected;
 	__u64 names_rewritten;
 	__u64 released;
+	__u64 mappings_full;       /* a remapped socket the full mappings or real_ports map refused */
 };
 
 #endif

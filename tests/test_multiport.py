@@ -29,8 +29,8 @@ class Servers:
     def __init__(self, group):
         self.group, self.procs, self.info = group, [], []
 
-    def start(self, proto, host, port):
-        proc = self.group.popen([sys.executable, SERVER, proto, host, str(port)], stdin=subprocess.PIPE,
+    def start(self, proto, host, port, *options):
+        proc = self.group.popen([sys.executable, SERVER, proto, host, str(port), *options], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
         line = proc.stdout.readline()
@@ -132,6 +132,50 @@ def test_ipv6_and_dual_stack(cg, vport):
         v6_peers, v4_servers, v4_peers = run_in(cg, clients)
         assert v6_peers == {vport} and v4_peers == {vport}
         assert v4_servers == {servers.info[1]["pid"]}  # only the dual-stack "::" listener takes IPv4
+
+
+def test_a_v6only_listener_takes_no_ipv4_clients(cg, vport):
+    """"::" with IPV6_V6ONLY takes IPv6 only: an IPv4 client of the virtual port is refused, as
+    with that listener alone on a real port, instead of being sent where the kernel drops it."""
+    with Multiport(str(cg.path), [vport]), Servers(cg) as servers:
+        assert servers.start("tcp", "::", vport, "v6only")["port"] == vport
+
+        def clients():
+            v6 = connect_and_ask(socket.AF_INET6, "::1", vport)[1]
+            try:
+                connect_and_ask(socket.AF_INET, "127.0.0.1", vport)
+            except ConnectionRefusedError:
+                return v6, "refused"
+            return v6, "connected"
+
+        assert run_in(cg, clients) == (vport, "refused")
+
+
+def test_a_client_finding_no_listener_is_refused_not_sent_to_an_outsider(cg, vport):
+    """A process outside the cgroup listens on the virtual port's number itself. A client of the
+    cgroup connecting there on loopback while no listener of the cgroup is up is refused, as if
+    nothing listened: it never reaches the outsider."""
+    outsider = socket.socket()
+    outsider.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    outsider.bind(("127.0.0.1", vport))
+    outsider.listen()
+    outsider.setblocking(False)
+
+    def client():
+        try:
+            socket.create_connection(("127.0.0.1", vport), timeout=5).close()
+        except ConnectionRefusedError:
+            return "refused"
+        return "connected"
+
+    try:
+        with Multiport(str(cg.path), [vport]) as mp:
+            assert run_in(cg, client) == "refused"
+            with pytest.raises(BlockingIOError):
+                outsider.accept()
+            assert mp.stats()["connects_no_listener"] == 1
+    finally:
+        outsider.close()
 
 
 def test_udp_bind_getsockname_and_echo_through_the_virtual_port(cg, vport):

@@ -163,6 +163,9 @@ def metric_families(stats):
                          "Binds left alone (a port below 1024 without --allow-privileged) and connects with "
                          "no listener to send them to", "reason", refusals),
         metrics.counter("netbpf_multiport_sockets_released_total", "Remapped sockets closed", stats["released"]),
+        metrics.counter("netbpf_multiport_mappings_full_total",
+                        "Remapped sockets a full mappings or real_ports map could not record (their names "
+                        "show the real port; clients do not find them)", stats["mappings_full"]),
     ]
 
 
@@ -178,6 +181,8 @@ def show_status(info):
     print(f"multiport: attached to {info['cgroup']} (pins in {info['pin_dir']}, mode {info['mode']}), "
           f"virtual ports {compact_ports(info['ports'])}")
     print(format_table(info["mappings"]))
+    if info["mappings_full"]:
+        print(f"  {info['mappings_full']} remapped sockets not recorded: the mappings or real_ports map is full")
 
 
 def live_line(multiport, stats, previous, elapsed):
