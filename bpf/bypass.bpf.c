@@ -24,9 +24,9 @@
  *                 redirected queue is read, when it turns blocking or spliced, or on detach;
  *   tracepoints   mark a socket read with splice() or used as sendfile()'s source, and its
  *                 service, whose later connections then never receive a redirect;
- *   sk_msg        on every send of a socket in the map, moves the message straight into the
- *                 peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that is safe,
- *                 and otherwise lets it take the normal TCP path. It is safe when
+ *   sk_msg        on every send of a socket in the map, moves the message straight into its
+ *                 proven peer's receive queue (bpf_msg_redirect_hash, BPF_F_INGRESS) when that
+ *                 is safe, and otherwise lets it take the normal TCP path. It is safe when
  *                   - the sender has not shut its sending side down (TCP: EPIPE);
  *                   - the peer is JOINED, has read from its socket (not by splice), and has
  *                     not spliced nor set SO_RCVLOWAT since;
@@ -34,6 +34,26 @@
  *                     its copied_seq): the receiver drains redirected data before its TCP queue;
  *                   - the peer's receive queue is under its limit: the redirect path has no
  *                     backpressure of its own, so past the limit sends go the TCP way.
+ *
+ * The proof. Addresses, ports and network namespaces are things any user can make (a namespace
+ * of its own through a user namespace, this host's address on its lo, a pair with another
+ * connection's exact tuple there), so they never decide where bytes go. A socket's peer is the
+ * one socket the kernel itself delivers its segments to, and each end records the other's
+ * cookie once, when that is proven (sock_info.peer; sk_msg redirects only there, and only while
+ * both name each other):
+ *   - the tc program looks both ends of a segment up in the namespace the segment travels in
+ *     (bpf_sk_lookup_tcp): the kernel's own answer;
+ *   - the sweep takes, within one namespace, the one live socket whose tuple mirrors this one's
+ *     (sock_tuples: a tuple names one live connection end in a namespace);
+ *   - between namespaces (pods on a veth pair) and through address translation, by nonces in
+ *     a TCP option (SipHash of a socket's cookie under a key only the tool knows): the active
+ *     end sends its own on its first segments after the handshake, the passive end reads it from
+ *     the segment that completes its own handshake and answers with its own, and the active end
+ *     must receive that answer (handshakes). Only the socket the kernel delivered the first
+ *     segment to has the first nonce, and only the socket the kernel delivers the answer from
+ *     sends it to the active end. A nonce received by two sockets proves neither (a conflict,
+ *     counted).
+ * A live socket's entry is keyed by its cookie and is never replaced by another socket's.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
@@ -43,6 +63,7 @@
 
 #include "netbpf.h"
 #include "bypass.h"
+#include "siphash.h"
 
 /* A read-only view of a kernel object: loads through it are plain loads the JIT guards against
  * faults, where BPF_CORE_READ calls a helper. Where the kernel lacks it (before 6.2) the
@@ -61,6 +82,13 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 #define ETH_P_IPV6 0x86DD
 #define TC_ACT_UNSPEC (-1) /* tcx: the next program; netlink tc: the filter's default */
 
+/* The handshake nonce's TCP option: experimental kind 254 with a 16-bit ExID (RFC 6994), "NB" */
+#define TCPOPT_EXP 254
+#define NONCE_EXID_0 'N'
+#define NONCE_EXID_1 'B'
+#define NONCE_SEGMENTS 2 /* segments that carry it: the handshake's last ACK, and the first data
+			  * (which completes the handshake instead where the listener defers accept) */
+
 /* Keyed by socket cookie (sock_info.cookie): sk_msg redirects through it on every message, and
  * an 8-byte key hashes in a fraction of a 40-byte one's time. Cookies are never reused, so an
  * entry left from a closed peer cannot name another socket. */
@@ -71,12 +99,30 @@ struct {
 	__type(value, __u64);
 } sock_map SEC(".maps");
 
+/* Each socket's entry, by its cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct sock_info);
+} sock_info SEC(".maps");
+
+/* The cookie of the live socket each tuple names, in its namespace: where the sweep finds a
+ * socket's peer within one namespace. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct sock_key);
-	__type(value, struct sock_info);
-} sock_info SEC(".maps");
+	__type(value, __u64);
+} sock_tuples SEC(".maps");
+
+/* The nonces active ends sent, by nonce: what their passive ends claim (struct handshake). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct handshake);
+} handshakes SEC(".maps");
 
 /* ports the cgroup listens on (value: the agent round that last saw the listener open), to tell
  * the server end of a connection from the client end; the agent forgets closed ones */
@@ -131,6 +177,7 @@ const volatile __u32 scope = SCOPE_LOOPBACK; /* enum bypass_scope */
 const volatile __u32 ports_only = 0;     /* 1: only connections with an end in allowed_ports */
 const volatile __u32 queue_floor = 0;    /* bytes a peer may have queued before sends fall back to TCP, at least */
 const volatile __u32 allow_blocking = 0; /* 1: blocking readers join too (the user accepts tcp_bpf's EAGAIN) */
+const volatile __u64 nonce_key[2] = {};  /* the handshake nonces' SipHash key: random, from the tool */
 
 
 struct {
@@ -256,40 +303,7 @@ static __always_inline __u32 netns_of(struct sock *sk)
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 }
 
-/* Loopback addresses name a connection only within a namespace (bypass.h, struct sock_key). */
-static __always_inline void set_netns(struct sock_key *key, __u32 netns)
-{
-	key->netns = is_loopback(key) ? netns : 0;
-}
-
-/* The key of an sk_msg's socket; remote_port is network order in the upper half, local_port
- * host order. Every field is loaded before any is chosen (the barrier):
- * the verifier only accepts context loads at constant offsets, and clang would otherwise turn
- * "v4 ? ip4 : ip6[0]" into one load from a computed address. */
-#define FILL_KEY(key, ctx)                                                          \
-	do {                                                                        \
-		__u32 family_ = (ctx)->family, l4_ = (ctx)->local_ip4;              \
-		__u32 r4_ = (ctx)->remote_ip4;                                      \
-		__u32 l6_[4] = { (ctx)->local_ip6[0], (ctx)->local_ip6[1],          \
-				 (ctx)->local_ip6[2], (ctx)->local_ip6[3] };        \
-		__u32 r6_[4] = { (ctx)->remote_ip6[0], (ctx)->remote_ip6[1],        \
-				 (ctx)->remote_ip6[2], (ctx)->remote_ip6[3] };      \
-		__u32 lport_ = (ctx)->local_port, rport_ = (ctx)->remote_port;      \
-		asm volatile("" ::: "memory");                                      \
-		(key)->family = family_;                                            \
-		if (family_ == AF_INET) {                                           \
-			(key)->local_ip[0] = l4_;                                   \
-			(key)->remote_ip[0] = r4_;                                  \
-		} else {                                                            \
-			__builtin_memcpy((key)->local_ip, l6_, sizeof(l6_));       \
-			__builtin_memcpy((key)->remote_ip, r6_, sizeof(r6_));      \
-		}                                                                   \
-		(key)->local_port = lport_;                                         \
-		(key)->remote_port = bpf_ntohl(rport_);                             \
-		normalize(key);                                                     \
-	} while (0)
-
-/* The same key read from a struct sock (tc, the sweeps, the tracepoints). */
+/* The key of a socket (tc, the sweeps, the tracepoints, sockops), in its network namespace. */
 static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
 {
 	key->family = BPF_CORE_READ(sk, __sk_common.skc_family);
@@ -303,10 +317,10 @@ static __always_inline void key_of_sock(struct sock *sk, struct sock_key *key)
 	key->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	key->remote_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	normalize(key);
-	set_netns(key, netns_of(sk));
+	key->netns = netns_of(sk);
 }
 
-/* The key of the other end of the connection: the same tuple seen from there. */
+/* The key the other end of the connection has when it lives in the same namespace. */
 static __always_inline void peer_of(const struct sock_key *key, struct sock_key *peer)
 {
 	peer->family = key->family;
@@ -458,37 +472,81 @@ static __always_inline __u16 service_of(const struct sock_key *key)
 	return bpf_map_lookup_elem(&listeners, &port) ? key->local_port : key->remote_port;
 }
 
-/* The socket's entry, made now. Two programs on two CPUs may meet a new socket at once: the
- * first makes the entry and the other takes that one (each writing to an entry of its own, one
- * of them replaced, would insert the socket twice). An entry a closed socket left under the
- * same key is replaced. `made` says whether this call made it. */
-static __always_inline struct sock_info *new_info(struct sock *sk, struct sock_key *key, __u64 round,
-					       struct bypass_counters *cnt, int *made)
+/* An entry a full map refused, counted by map (cnt->map_full.MAP): status names the map. */
+#define COUNT_FULL(cnt, map)              \
+	do {                              \
+		if (cnt)                  \
+			(cnt)->map_full.map++; \
+	} while (0)
+
+/* The socket's cookie where one was made (sockops makes one for each connection of the
+ * cgroup; the sweep for those that established before the attach), 0 where not yet. */
+static __always_inline __u64 cookie_of(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+}
+
+/* Whether an entry's socket is still open: it still has the entry's cookie (the memory of a
+ * freed socket may hold another socket by now) and is not closed. */
+static __always_inline int alive(const struct sock_info *info)
+{
+	struct sock *sk = (struct sock *)info->sk;
+
+	return cookie_of(sk) == info->cookie && BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_CLOSE;
+}
+
+/* Index the socket's tuple in its namespace. The index may still name a socket that closed with
+ * the same tuple (its entry goes within an agent round): that one is replaced. A live one never
+ * is: within one namespace no two live sockets have one tuple. */
+static __always_inline void index_tuple(const struct sock_key *key, __u64 cookie, struct bypass_counters *cnt)
+{
+	struct sock_info *holder;
+	__u64 *indexed;
+	long err;
+
+	err = bpf_map_update_elem(&sock_tuples, key, &cookie, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		indexed = bpf_map_lookup_elem(&sock_tuples, key);
+		if (!indexed || *indexed == cookie)
+			return;
+		holder = bpf_map_lookup_elem(&sock_info, indexed);
+		if (holder && alive(holder))
+			return;
+		err = bpf_map_update_elem(&sock_tuples, key, &cookie, BPF_ANY);
+	}
+	if (err)
+		COUNT_FULL(cnt, sock_tuples);
+}
+
+/* The socket's entry, made now if it has none (none can be made before it has a cookie). Two
+ * programs on two CPUs may meet a new socket at once: the first makes the entry and the other
+ * takes that one. `made` says whether this call made it. */
+static __always_inline struct sock_info *new_info(struct sock *sk, __u64 cookie, const struct sock_key *key,
+					       __u64 round, struct bypass_counters *cnt, int *made)
 {
 	struct sock_info info = {}, *entry;
 	__u32 service = service_of(key);
 	long err;
 
+	*made = 0;
+	if (!cookie)
+		return NULL;
 	info.sk = (__u64)sk;
+	info.cookie = cookie;
+	info.key = *key;
 	info.since_ns = bpf_ktime_get_ns();
 	info.seen_round = info.first_round = round;
 	info.state = STATE_WAITING;
-	info.netns = netns_of(sk);
 	info.service_port = service;
 	info.spliced = bpf_map_lookup_elem(&spliced_services, &service) != NULL;
-	*made = 0;
-	err = bpf_map_update_elem(&sock_info, key, &info, BPF_NOEXIST);
-	if (err == -EEXIST) {
-		entry = bpf_map_lookup_elem(&sock_info, key);
-		if (entry && entry->sk == (__u64)sk)
-			return entry;
-		err = bpf_map_update_elem(&sock_info, key, &info, BPF_ANY);
+	err = bpf_map_update_elem(&sock_info, &cookie, &info, BPF_NOEXIST);
+	if (err && err != -EEXIST) {
+		COUNT_FULL(cnt, sock_info);
+		return NULL;
 	}
-	if (err)
-		return NULL;
-	entry = bpf_map_lookup_elem(&sock_info, key);
-	if (!entry)
-		return NULL;
+	entry = bpf_map_lookup_elem(&sock_info, &cookie);
+	if (!entry || err)
+		return entry;
 	*made = 1;
 	set_state(entry, STATE_WAITING, entry->spliced ? REASON_SPLICED : REASON_NONE, cnt);
 	return entry;
@@ -500,25 +558,34 @@ static __always_inline int in_reach(struct sock_key *key)
 	return (key->family == AF_INET || key->family == AF_INET6) && in_scope(key) && port_allowed(key);
 }
 
-/* The entry of an established socket of the cgroup, made when it has none; NULL when the socket
- * is not one the bypass takes. */
-static __always_inline struct sock_info *entry_of(struct sock *sk, struct sock_key *key, struct bypass_control *ctl,
-					       struct bypass_counters *cnt)
+/* new_info() for a candidate of this round, counted as one when this call made its entry. */
+static __always_inline struct sock_info *candidate(struct sock *sk, __u64 cookie, const struct sock_key *key,
+						struct bypass_control *ctl, struct bypass_counters *cnt)
 {
 	struct sock_info *info;
 	int made;
 
+	info = new_info(sk, cookie, key, ctl->round, cnt, &made);
+	cnt->candidates += made;
+	return info;
+}
+
+/* The entry of an established socket of the cgroup, made when it has none; NULL when the socket
+ * is not one the bypass takes. `key` gets its tuple. */
+static __always_inline struct sock_info *entry_of(struct sock *sk, __u64 cookie, struct sock_key *key,
+					       struct bypass_control *ctl, struct bypass_counters *cnt)
+{
+	struct sock_info *info;
+
 	key_of_sock(sk, key);
 	if (!in_reach(key))
 		return NULL;
-	info = bpf_map_lookup_elem(&sock_info, key);
-	if (info && info->sk == (__u64)sk)
+	info = cookie ? bpf_map_lookup_elem(&sock_info, &cookie) : NULL;
+	if (info)
 		return info;
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_ESTABLISHED || ctl->detaching)
 		return NULL;
-	info = new_info(sk, key, ctl->round, cnt, &made);
-	cnt->candidates += made;
-	return info;
+	return candidate(sk, cookie, key, ctl, cnt);
 }
 
 /* Why the socket may not be in the map now (REASON_NONE: it may). */
@@ -529,52 +596,100 @@ static __always_inline __u32 why_plain(struct sock *sk, struct sock_info *info)
 	return reader_unsafe(sk, info);
 }
 
-/* The socket's cookie where one was made (sockops makes one for each connection of the
- * cgroup; the sweep for those that established before the attach), 0 where not yet. */
-static __always_inline __u64 cookie_of(struct sock *sk)
+/* --- the proof: each end records its peer once, and only the one the kernel delivers to --- */
+
+/* Each end records the other's cookie when a proof names it; both must name each other. A
+ * socket that names another peer already keeps it: the new claim is a conflict, counted once,
+ * and an end that had named none trusts nobody from then on. Returns whether the two are
+ * each other's peers now. */
+static __always_inline int pair_up(struct sock_info *a, struct sock_info *b, struct bypass_counters *cnt)
 {
-	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	__u64 was_a, was_b;
+
+	if (a->peer == b->cookie && b->peer == a->cookie)
+		return 1;
+	if (a->peer == PEER_CONFLICT || b->peer == PEER_CONFLICT)
+		return 0;
+	was_a = __sync_val_compare_and_swap(&a->peer, 0, b->cookie);
+	was_b = __sync_val_compare_and_swap(&b->peer, 0, a->cookie);
+	if ((!was_a || was_a == b->cookie) && (!was_b || was_b == a->cookie))
+		return 1;
+	if (!was_a)
+		a->peer = PEER_CONFLICT;
+	if (!was_b)
+		b->peer = PEER_CONFLICT;
+	cnt->conflicts++;
+	return 0;
+}
+
+/* The socket's proven peer: the one its entry names (once that one names it back), or, where
+ * no proof has named one yet, the one live socket of its own namespace whose tuple mirrors its
+ * own (sock_tuples). A socket in another namespace is never found this way: there a tuple proves
+ * nothing (the handshake's nonce does, in sockops). */
+static __always_inline struct sock_info *proven_peer(struct sock_info *info, struct bypass_counters *cnt)
+{
+	struct sock_key peer_key = {};
+	struct sock_info *peer;
+	__u64 peer_cookie = info->peer, *indexed;
+
+	if (peer_cookie == PEER_CONFLICT)
+		return NULL;
+	if (peer_cookie) {
+		peer = bpf_map_lookup_elem(&sock_info, &peer_cookie);
+	} else {
+		peer_of(&info->key, &peer_key);
+		indexed = bpf_map_lookup_elem(&sock_tuples, &peer_key);
+		if (!indexed)
+			return NULL;
+		peer_cookie = *indexed;
+		peer = bpf_map_lookup_elem(&sock_info, &peer_cookie);
+		if (peer && !alive(peer))
+			return NULL; /* a closed socket the index still names: the live one comes later */
+	}
+	if (!peer || !pair_up(info, peer, cnt))
+		return NULL;
+	return peer;
 }
 
 /* Into the sockhash under the socket's cookie; `sock` is the socket as the verifier lets it be
  * inserted. The tc program (on each CPU, for segments either way) and the sweep may meet the
  * same socket at once, and the kernel refuses a second insert of a socket already in the map
  * with EBUSY, as if another map's program held it (sock_map_link): so the one that sets the
- * entry's cookie first inserts, and the others leave the socket and its state to it. */
-static __always_inline int insert(void *sock, __u64 cookie, struct sock_info *info, struct bypass_counters *cnt)
+ * entry's `inserting` first inserts, and the others leave the socket and its state to it. */
+static __always_inline int insert(void *sock, struct sock_info *info, struct bypass_counters *cnt)
 {
+	__u64 cookie = info->cookie;
 	long err;
 
-	if (!cookie)
-		return 0; /* none made yet: the sweep makes it, and joins */
-	if (__sync_lock_test_and_set(&info->cookie, cookie))
+	if (__sync_lock_test_and_set(&info->inserting, 1))
 		return 0;
 	err = bpf_map_update_elem(&sock_map, &cookie, sock, BPF_NOEXIST);
-	if (err) {
+	if (err && err != -EEXIST) {
 		set_state(info, STATE_LEFT, REASON_INSERT_FAILED, cnt);
 		cnt->insert_failed++;
 		return 0;
 	}
 	set_state(info, STATE_JOINED, REASON_NONE, cnt);
-	cnt->sockets_inserted++;
-	return 1;
+	cnt->sockets_inserted += !err; /* EEXIST: in already under its own cookie, its entry made anew */
+	return !err;
 }
 
 /* A note in a small map whose loss costs only a chance to join (a listener not told apart, a
  * namespace the sweep does not walk, a spliced service whose next connections start joinable:
- * each of their sockets is still judged on its own). */
-static __always_inline void note(void *map, void *key, void *value, struct bypass_counters *cnt)
+ * each of their sockets is still judged on its own); counted by map when it is full. */
+static __always_inline int note(void *map, void *key, void *value)
 {
-	if (bpf_map_update_elem(map, key, value, BPF_ANY) && cnt)
-		cnt->map_update_failed++;
+	return bpf_map_update_elem(map, key, value, BPF_ANY) == 0;
 }
 
 static __always_inline void note_listener(__u32 port)
 {
 	struct bypass_control *ctl = control_here();
 
-	if (ctl)
-		note(&listeners, &port, &ctl->round, counters_here());
+	struct bypass_counters *cnt = counters_here();
+
+	if (ctl && !note(&listeners, &port, &ctl->round))
+		COUNT_FULL(cnt, listeners);
 }
 
 static __always_inline void count_port(__u32 port, int established)
@@ -589,14 +704,175 @@ static __always_inline void count_port(__u32 port, int established)
 		__sync_fetch_and_add(count, -1);
 }
 
+/* --- the handshake's nonce: pairs between namespaces --- */
+
+/* What rides in the TCP option: kind, length, ExID, the nonce (12 bytes, no padding). */
+struct nonce_option {
+	__u8 kind;
+	__u8 len;
+	__u8 exid[2];
+	__u8 nonce[8];
+};
+
+/* Whether a socket's peer may live in another namespace (`key` gets its tuple): loopback peers
+ * never do (and the kernel's lookup proves them); other addresses may (pods over a veth pair, a
+ * translated address). */
+static __always_inline int may_cross_namespaces(struct sock *sk, struct sock_key *key, struct bypass_control *ctl)
+{
+	key_of_sock(sk, key);
+	return in_reach(key) && !is_loopback(key) && !ctl->detaching;
+}
+
+/* A nonce only this socket can have sent: SipHash of its cookie (never reused) under nonce_key,
+ * which only the tool knows. */
+static __always_inline __u64 nonce_of(__u64 cookie, __u32 netns)
+{
+	__u64 nonce = siphash_2u64(cookie, netns, nonce_key[0], nonce_key[1]);
+
+	return nonce ? nonce : 1;
+}
+
+/* The nonce option of the segment at hand (skops->skb), or 0. */
+static __always_inline __u64 nonce_received(struct bpf_sock_ops *skops)
+{
+	struct nonce_option opt = { .kind = TCPOPT_EXP, .len = 4, .exid = { NONCE_EXID_0, NONCE_EXID_1 } };
+	__u64 nonce;
+
+	if (bpf_load_hdr_opt(skops, &opt, sizeof(opt), 0) != sizeof(opt))
+		return 0;
+	__builtin_memcpy(&nonce, opt.nonce, sizeof(nonce));
+	return nonce;
+}
+
+/* The active end of such a connection, established: its entry and its nonce, recorded for its
+ * passive end to claim. Returns the callback flags that have the kernel ask for the option on
+ * its next segments and show it the segments that carry an option it does not know (the
+ * passive end's answer). */
+static __always_inline __u32 offer_nonce(struct sock *sk, __u64 cookie, struct bypass_control *ctl,
+					 struct bypass_counters *cnt)
+{
+	struct handshake hs = { .active = cookie };
+	struct sock_key key = {};
+	struct sock_info *info;
+	__u64 nonce;
+
+	info = may_cross_namespaces(sk, &key, ctl) ? candidate(sk, cookie, &key, ctl, cnt) : NULL;
+	if (!info)
+		return 0;
+	nonce = nonce_of(cookie, key.netns);
+	if (bpf_map_update_elem(&handshakes, &nonce, &hs, BPF_NOEXIST)) {
+		COUNT_FULL(cnt, handshakes);
+		return 0;
+	}
+	info->nonce = info->handshake = nonce;
+	return BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
+}
+
+/* The passive end, established by a segment that carries an active end's nonce: only the
+ * socket the kernel delivered that segment to has it. It claims the nonce and answers with one
+ * of its own (the flag returned has the kernel ask for it on its next segments); the pair is
+ * proven once the active end receives that answer (confirm_nonce), which only the socket the
+ * kernel delivers this one's segments to can. A nonce that a second socket receives (a copy of
+ * the segment that reached another namespace, a replay) proves nothing: neither is trusted,
+ * nor the active end, unless its pair has joined already. */
+static __always_inline __u32 claim_nonce(struct bpf_sock_ops *skops, struct sock *sk, __u64 cookie,
+					 struct bypass_control *ctl, struct bypass_counters *cnt)
+{
+	struct sock_info *mine, *active, *first;
+	struct sock_key key = {};
+	struct handshake *hs;
+	__u64 nonce;
+
+	if (!may_cross_namespaces(sk, &key, ctl))
+		return 0;
+	nonce = nonce_received(skops);
+	hs = nonce ? bpf_map_lookup_elem(&handshakes, &nonce) : NULL;
+	if (!hs)
+		return 0; /* none: its active end is not one of the cgroup's, or that one is gone */
+	mine = candidate(sk, cookie, &key, ctl, cnt);
+	if (!mine)
+		return 0;
+	mine->handshake = nonce;
+	if (__sync_fetch_and_add(&hs->claims, 1)) {
+		mine->peer = PEER_CONFLICT;
+		set_state(mine, STATE_WAITING, REASON_CONFLICT, cnt);
+		active = bpf_map_lookup_elem(&sock_info, &hs->active);
+		first = bpf_map_lookup_elem(&sock_info, &hs->passive);
+		if (active && !active->inserting) {
+			__sync_val_compare_and_swap(&active->peer, hs->passive, PEER_CONFLICT);
+			if (first)
+				__sync_val_compare_and_swap(&first->peer, hs->active, PEER_CONFLICT);
+		}
+		cnt->conflicts++;
+		return 0;
+	}
+	mine->nonce = nonce_of(cookie, key.netns);
+	hs->passive_nonce = mine->nonce;
+	hs->passive = cookie;
+	return BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+}
+
+/* The active end receives a segment with an option the kernel does not know: where it is the
+ * answer its passive end gave (and nobody else claimed its nonce), the two are each other's
+ * peers. The kernel shows it segments only once they passed its sequence checks. */
+static __always_inline void confirm_nonce(struct bpf_sock_ops *skops, struct bypass_counters *cnt)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops), answer = nonce_received(skops);
+	struct sock_info *info, *passive;
+	struct handshake *hs;
+
+	if (!answer)
+		return; /* another option it does not know */
+	info = bpf_map_lookup_elem(&sock_info, &cookie);
+	hs = info && info->handshake ? bpf_map_lookup_elem(&handshakes, &info->handshake) : NULL;
+	if (!hs || hs->active != cookie || answer != hs->passive_nonce)
+		return; /* not the answer to its nonce */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG);
+	if (hs->claims != 1) {
+		__sync_val_compare_and_swap(&info->peer, 0, PEER_CONFLICT);
+		return;
+	}
+	passive = bpf_map_lookup_elem(&sock_info, &hs->passive);
+	if (passive && pair_up(info, passive, cnt))
+		cnt->paired_by_handshake++;
+}
+
+/* The entry of a socket while its nonce is still due on a segment (NONCE_SEGMENTS); once it has
+ * gone out often enough, the kernel stops asking for it. */
+static __always_inline struct sock_info *nonce_due(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct sock_info *info = bpf_map_lookup_elem(&sock_info, &cookie);
+
+	if (!info || !info->nonce)
+		return NULL; /* another program asked for header options on this socket */
+	if (info->nonce_segments < NONCE_SEGMENTS)
+		return info;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+	return NULL;
+}
+
+static __always_inline void write_nonce(struct bpf_sock_ops *skops)
+{
+	struct nonce_option opt = { .kind = TCPOPT_EXP, .len = sizeof(opt), .exid = { NONCE_EXID_0, NONCE_EXID_1 } };
+	struct sock_info *info = nonce_due(skops);
+
+	if (!info)
+		return;
+	__builtin_memcpy(opt.nonce, &info->nonce, sizeof(opt.nonce));
+	if (!bpf_store_hdr_opt(skops, &opt, sizeof(opt), 0))
+		info->nonce_segments++;
+}
+
 SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_control *ctl = control_here();
 	struct bpf_sock *sk = skops->sk;
+	__u32 netns, flags;
 	struct tcp_sock *tp;
-	__u32 netns;
+	__u64 cookie;
 
 	if (!cnt || !ctl)
 		return 1;
@@ -604,17 +880,33 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		cnt->established++;
-		bpf_get_socket_cookie(skops); /* made now: the tc program can join it */
+		cookie = bpf_get_socket_cookie(skops); /* made now: the tc program can join it */
 		count_port(skops->local_port, 1);
 		/* and counted out again when it closes (BPF_SOCK_OPS_STATE_CB) */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		flags = skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
 		tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
-		if (!tp)
-			break;
-		netns = netns_of((struct sock *)tp);
-		note(&netns_seen, &netns, &ctl->round, cnt);
-		if (!bpf_map_lookup_elem(&event_netns, &netns))
-			cnt->established_for_sweep++;
+		if (tp) {
+			netns = netns_of((struct sock *)tp);
+			if (!note(&netns_seen, &netns, &ctl->round))
+				COUNT_FULL(cnt, netns_seen);
+			if (!bpf_map_lookup_elem(&event_netns, &netns))
+				cnt->established_for_sweep++;
+			if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+				flags |= offer_nonce((struct sock *)tp, cookie, ctl, cnt);
+			else
+				flags |= claim_nonce(skops, (struct sock *)tp, cookie, ctl, cnt);
+		}
+		bpf_sock_ops_cb_flags_set(skops, flags);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		if (nonce_due(skops))
+			bpf_reserve_hdr_opt(skops, sizeof(struct nonce_option), 0);
+		break;
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		write_nonce(skops);
+		break;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		confirm_nonce(skops, cnt);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: /* before any connection to it: tells server ends apart */
 		note_listener(skops->local_port);
@@ -718,15 +1010,15 @@ static __always_inline void reverse(struct bpf_sock_tuple *tuple, __u32 size)
 struct end {
 	struct sock_key key;
 	struct sock_info *info;
+	__u64 cookie;
 	__u32 why;
 };
 
 static __always_inline void judge_end(struct sock *sk, struct end *end)
 {
 	key_of_sock(sk, &end->key);
-	end->info = bpf_map_lookup_elem(&sock_info, &end->key);
-	if (end->info && end->info->sk != (__u64)sk)
-		end->info = NULL; /* a closed socket's entry: the sweep drops it */
+	end->cookie = cookie_of(sk);
+	end->info = end->cookie ? bpf_map_lookup_elem(&sock_info, &end->cookie) : NULL;
 	if (end->info && end->info->state == STATE_JOINED)
 		end->why = REASON_NONE;
 	else
@@ -749,8 +1041,9 @@ static __always_inline void keep_waiting(struct end *end, __u32 peer_why, struct
 }
 
 /* Both ends of a loopback connection, found on a segment between them: join both once both
- * qualify. `receiver` and `sender` are the sockets bpf_sk_lookup_tcp() returned, `rsk` the
- * receiver as a struct sock (one of the cgroup's). */
+ * qualify. `receiver` and `sender` are the sockets bpf_sk_lookup_tcp() returned in the namespace
+ * the segment travels in (the proof that they are each other's peers), `rsk` the receiver as a
+ * struct sock (one of the cgroup's). */
 static __always_inline void join_pair(struct bpf_sock *receiver, struct sock *rsk, struct bpf_sock *sender,
 				      struct bypass_control *ctl, struct bypass_counters *cnt)
 {
@@ -770,13 +1063,17 @@ static __always_inline void join_pair(struct bpf_sock *receiver, struct sock *rs
 	judge_end(ssk, &s);
 	if (r.why == REASON_NONE && s.why == REASON_NONE) {
 		if (!r.info)
-			r.info = entry_of(rsk, &r.key, ctl, cnt);
+			r.info = entry_of(rsk, r.cookie, &r.key, ctl, cnt);
 		if (!s.info)
-			s.info = entry_of(ssk, &s.key, ctl, cnt);
+			s.info = entry_of(ssk, s.cookie, &s.key, ctl, cnt);
 		if (!r.info || !s.info)
 			return;
-		r.why = why_plain(rsk, r.info); /* with its entry: spliced, or its service was */
-		s.why = why_plain(ssk, s.info);
+		if (!pair_up(r.info, s.info, cnt)) {
+			r.why = s.why = REASON_CONFLICT;
+		} else {
+			r.why = why_plain(rsk, r.info); /* with its entry: spliced, or its service was */
+			s.why = why_plain(ssk, s.info);
+		}
 	}
 	if ((r.info && r.info->state > STATE_JOINED) || (s.info && s.info->state > STATE_JOINED))
 		return; /* leaving or left: for good */
@@ -785,9 +1082,9 @@ static __always_inline void join_pair(struct bpf_sock *receiver, struct sock *rs
 		keep_waiting(&s, r.why, cnt);
 		return;
 	}
-	if (r.info->state != STATE_JOINED && insert(receiver, cookie_of(rsk), r.info, cnt))
+	if (r.info->state != STATE_JOINED && insert(receiver, r.info, cnt))
 		cnt->inserted_by_event++;
-	if (s.info->state != STATE_JOINED && insert(sender, cookie_of(ssk), s.info, cnt))
+	if (s.info->state != STATE_JOINED && insert(sender, s.info, cnt))
 		cnt->inserted_by_event++;
 }
 
@@ -826,22 +1123,21 @@ int bypass_join_tc(struct __sk_buff *skb)
 /* --- the sweep: run by the agent; the socket is not locked here (the sockhash update and
  * delete take its lock themselves) --- */
 
-/* Join a socket the sweep found: once it qualifies and its peer does too (the peer waits READY
- * until the sweep meets this end). Where the tc program joins (event_netns) it has usually done
- * so already, at the first segment after both qualified; the sweep takes the pairs that sent
- * nothing since. */
-static __always_inline void try_join(struct sock *sk, void *sock, struct sock_key *key,
-				     struct sock_info *info, struct bypass_counters *cnt, __u64 round)
+/* Join a socket the sweep found: once it qualifies, its peer is proven (proven_peer) and
+ * qualifies too (the peer waits READY until the sweep meets this end). Where the tc program
+ * joins (event_netns) it has usually done so already, at the first segment after both
+ * qualified; the sweep takes the pairs that sent nothing since. */
+static __always_inline void try_join(struct sock *sk, void *sock, struct sock_info *info,
+				     struct bypass_counters *cnt, __u64 round)
 {
-	struct sock_key peer_key = {};
-	struct sock_info *peer;
+	struct sock_info *peer = proven_peer(info, cnt);
 	__u32 reason;
 
-	peer_of(key, &peer_key);
-	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
 	if (!peer) {
-		/* the peer may just come later in this round: outside only if missing a round later */
-		if (round > info->first_round)
+		if (info->peer == PEER_CONFLICT)
+			set_state(info, STATE_WAITING, REASON_CONFLICT, cnt);
+		else if (round > info->first_round)
+			/* the peer may just come later in this round: outside only if missing a round later */
 			set_state(info, STATE_WAITING, REASON_PEER_OUTSIDE, cnt);
 		return;
 	}
@@ -854,29 +1150,30 @@ static __always_inline void try_join(struct sock *sk, void *sock, struct sock_ke
 		set_state(info, STATE_READY, REASON_PEER_WAITING, cnt);
 		return;
 	}
-	insert(sock, bpf_get_socket_cookie(sock), info, cnt);
+	insert(sock, info, cnt);
 }
 
 /* Both ends or neither: a socket whose peer's insert failed after this one joined leaves too. */
-static __always_inline int peer_failed_to_join(struct sock_key *key)
+static __always_inline int peer_failed_to_join(const struct sock_info *info)
 {
-	struct sock_key peer_key = {};
+	__u64 peer_cookie = info->peer;
 	struct sock_info *peer;
 
-	peer_of(key, &peer_key);
-	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
+	if (!peer_cookie || peer_cookie == PEER_CONFLICT)
+		return 0;
+	peer = bpf_map_lookup_elem(&sock_info, &peer_cookie);
 	return peer && peer->state == STATE_LEFT && peer->reason == REASON_INSERT_FAILED;
 }
 
 /* A joined socket that turned unsafe, or all of them on detach: stop redirecting into it at
  * once (sk_msg redirects only into JOINED peers), and take it out of the map only when its
  * reader has taken everything redirected to it. Leaving the map drops what is still queued. */
-static __always_inline void leave_when_drained(struct sock *sk, struct sock_key *key, struct sock_info *info,
-					       struct bypass_counters *cnt)
+static __always_inline void leave_when_drained(struct sock *sk, struct sock_info *info, struct bypass_counters *cnt)
 {
 	__u32 reason = detaching() ? REASON_DETACH : reader_unsafe(sk, info);
+	__u64 cookie = info->cookie;
 
-	if (reason == REASON_NONE && peer_failed_to_join(key))
+	if (reason == REASON_NONE && peer_failed_to_join(info))
 		reason = REASON_INSERT_FAILED;
 	if (info->state == STATE_JOINED) {
 		if (reason != REASON_NONE)
@@ -889,7 +1186,7 @@ static __always_inline void leave_when_drained(struct sock *sk, struct sock_key 
 	}
 	if (bpf_ktime_get_ns() - info->since_ns < LEAVE_GRACE_NS)
 		return;
-	if (bpf_map_delete_elem(&sock_map, &info->cookie))
+	if (bpf_map_delete_elem(&sock_map, &cookie))
 		return; /* not there (any more): the socket is closing, and its entry goes with it */
 	cnt->sockets_left++;
 	count_reason(cnt->left_by_reason, info->reason);
@@ -904,6 +1201,7 @@ static __always_inline void visit(struct tcp_sock *tp)
 	struct sock *sk = (struct sock *)tp;
 	struct sock_key key = {};
 	struct sock_info *info;
+	__u64 cookie;
 	int state;
 
 	if (!cnt || !ctl || !in_cgroup(sk, cgroup_id))
@@ -913,9 +1211,14 @@ static __always_inline void visit(struct tcp_sock *tp)
 		note_listener(BPF_CORE_READ(sk, __sk_common.skc_num));
 		return;
 	}
-	info = entry_of(sk, &key, ctl, cnt);
+	cookie = bpf_get_socket_cookie(tp);
+	info = entry_of(sk, cookie, &key, ctl, cnt);
 	if (!info)
 		return;
+	if (!info->indexed && !info->peer) { /* where its peer, in this namespace, finds it */
+		index_tuple(&key, cookie, cnt);
+		info->indexed = 1;
+	}
 	info->seen_round = ctl->round;
 
 	switch (info->state) {
@@ -924,11 +1227,11 @@ static __always_inline void visit(struct tcp_sock *tp)
 		if (ctl->detaching)
 			set_state(info, STATE_LEFT, REASON_DETACH, cnt);
 		else if (state == TCP_ESTABLISHED)
-			try_join(sk, tp, &key, info, cnt, ctl->round);
+			try_join(sk, tp, info, cnt, ctl->round);
 		break;
 	case STATE_JOINED:
 	case STATE_LEAVING:
-		leave_when_drained(sk, &key, info, cnt);
+		leave_when_drained(sk, info, cnt);
 		break;
 	case STATE_LEFT: /* plain TCP for the rest of its life */
 		break;
@@ -998,31 +1301,39 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 /* The owner reads this socket with splice (or sendfile): it must never receive a redirect, and
  * its service's later connections stay plain. A joined socket starts leaving at once; one not
  * met yet gets its entry here, so that it never joins. */
+/* The owner reads this socket with splice (or sendfile): it must never receive a redirect, and
+ * its service's later connections stay plain. A joined socket starts leaving at once; one not
+ * met yet gets its entry here, so that it never joins (one with no cookie yet is not in the map,
+ * and its service's mark keeps it out). */
 static __always_inline void mark_spliced(struct sock *sk)
 {
 	struct bypass_counters *cnt = counters_here();
 	struct bypass_control *ctl = control_here();
 	struct sock_key key = {};
 	struct sock_info *info;
-	__u64 one = 1;
+	__u64 one = 1, cookie;
 	__u32 service;
 	int made;
 
 	if (!sk || !cnt || !ctl || !in_cgroup(sk, cgroup_id))
 		return;
 	key_of_sock(sk, &key);
-	info = bpf_map_lookup_elem(&sock_info, &key);
-	if (!info || info->sk != (__u64)sk)
-		info = new_info(sk, &key, ctl->round, cnt, &made);
-	if (!info || info->spliced)
+	cookie = cookie_of(sk);
+	info = cookie ? bpf_map_lookup_elem(&sock_info, &cookie) : NULL;
+	if (!info && in_reach(&key))
+		info = new_info(sk, cookie, &key, ctl->round, cnt, &made);
+	if (info && info->spliced)
+		return;
+	service = info ? info->service_port : service_of(&key);
+	if (!note(&spliced_services, &service, &one))
+		COUNT_FULL(cnt, spliced_services);
+	if (!info)
 		return;
 	info->spliced = 1;
 	if (info->state == STATE_WAITING || info->state == STATE_READY)
 		set_state(info, STATE_WAITING, REASON_SPLICED, cnt);
 	else if (info->state == STATE_JOINED) /* nothing more goes in; the sweep takes it out once drained */
 		set_state(info, STATE_LEAVING, REASON_SPLICED, cnt);
-	service = info->service_port;
-	note(&spliced_services, &service, &one, cnt);
 	cnt->spliced++;
 }
 
@@ -1055,13 +1366,13 @@ int bypass_sendfile(struct trace_event_raw_sys_enter *ctx)
 /* --- sk_msg: every send of a socket in the map --- */
 
 /* The message takes the TCP way. Its bytes join the peer's TCP queue and our write_seq moves on:
- * the peer has to read them before anything is redirected again (`ordered`), and its queue is
- * read again before the next redirect (`queue_budget`). */
-static __always_inline int pass(struct bypass_counters *cnt, struct sock_info *peer, __u64 *reason, __u32 size)
+ * the peer has to read them before anything is redirected again (`peer_ordered`), and its queue
+ * is read again before the next redirect (`queue_budget`). */
+static __always_inline int pass(struct bypass_counters *cnt, struct sock_info *self, __u64 *reason, __u32 size)
 {
-	if (peer) {
-		peer->ordered = 0;
-		peer->queue_budget = 0;
+	if (self) {
+		self->peer_ordered = 0;
+		self->queue_budget = 0;
 	}
 	(*reason)++;
 	cnt->passed_msgs++;
@@ -1076,43 +1387,44 @@ static __always_inline int pass(struct bypass_counters *cnt, struct sock_info *p
  * the limit doubles, up to the kernel's tcp_rmem maximum, each time the peer has read a whole
  * limit's worth since it last grew. One that stops (or never reads) stays where it is, and past
  * the limit sends take TCP, whose window stops the sender. */
-static __always_inline int queue_grows(struct sock_info *peer, struct sock *psk, struct sock *self, __u32 rmem,
+static __always_inline int queue_grows(struct sock_info *info, struct sock *psk, struct sock *self, __u32 rmem,
 				       __u32 size)
 {
-	__u32 limit = peer->queue_limit, cap;
-	__u64 consumed = peer->redirected_bytes - rmem; /* rmem counts its unread TCP data too: a floor */
+	__u32 limit = info->queue_limit, cap;
+	__u64 consumed = info->redirected_bytes - rmem; /* rmem counts its unread TCP data too: a floor */
 
 	if (!limit) {
 		limit = NETBPF_MAX((__u32)BPF_CORE_READ(psk, sk_rcvbuf), queue_floor) + self->sk_sndbuf;
-		peer->queue_limit = limit;
+		info->queue_limit = limit;
 		if (rmem + size <= limit)
 			return 1;
 	}
 	cap = BPF_CORE_READ(psk, __sk_common.skc_net.net, ipv4.sysctl_tcp_rmem[2]);
-	if (consumed - peer->consumed_mark < limit || limit >= cap)
+	if (consumed - info->consumed_mark < limit || limit >= cap)
 		return 0;
 	limit = limit * 2 < cap ? limit * 2 : cap;
-	peer->queue_limit = limit;
-	peer->consumed_mark = consumed;
+	info->queue_limit = limit;
+	info->consumed_mark = consumed;
 	return rmem + size <= limit;
 }
 
-/* Per message the program reads only what may have changed since the last one. The peer's entry
- * (sock_info) has one writer of its send-side fields, this socket's sk_msg, which runs under
- * this socket's lock: `reader`, `ordered`, `queue_budget`, `queue_limit` and
- * `redirected_bytes` need no atomics, and facts that only this socket's own sends can undo are
- * kept there instead of read again:
- *   - `ordered`: once the peer has read all we sent the TCP way (our write_seq == its
+/* Per message the program reads only what may have changed since the last one. A socket's own
+ * entry keeps what its sends know of its peer, written only by this program under this socket's
+ * lock (no atomics), and facts that only its own sends can undo are kept there instead of read
+ * again:
+ *   - `peer_ordered`: once the peer has read all we sent the TCP way (our write_seq == its
  *     copied_seq), that holds until we send the TCP way again (pass() clears it);
  *   - `queue_budget`: only our sends add to the peer's queue, so after reading its size once we
  *     may redirect up to its limit without reading it again (pass() clears it too: TCP bytes
- *     land in the queue later). */
+ *     land in the queue later).
+ * It redirects only to the peer its entry names, and only while that peer's entry names it
+ * back: whatever another socket builds, it never becomes the destination. */
 static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 {
 	struct bypass_counters *cnt = counters_here();
-	struct sock_key key = {}, peer_key = {};
-	struct sock_info *peer;
+	struct sock_info *info, *peer;
 	struct tcp_sock *self;
+	__u64 cookie, peer_cookie;
 	struct sock *psk;
 	__u32 size = msg->size;
 	__u32 rmem;
@@ -1127,62 +1439,64 @@ static __always_inline int redirect_msg(struct sk_msg_md *msg, const int direct)
 		      : bpf_skc_to_tcp_sock(msg->sk);
 	if (!self)
 		return pass(cnt, NULL, &cnt->passed_no_peer, size);
-	FILL_KEY(&key, msg);
-	set_netns(&key, self->inet_conn.icsk_inet.sk.__sk_common.skc_net.net->ns.inum);
-	peer_of(&key, &peer_key);
-	peer = bpf_map_lookup_elem(&sock_info, &peer_key);
-	if (!peer)
+	cookie = self->inet_conn.icsk_inet.sk.__sk_common.skc_cookie.counter;
+	info = bpf_map_lookup_elem(&sock_info, &cookie);
+	if (!info)
 		return pass(cnt, NULL, &cnt->passed_no_peer, size);
+	peer_cookie = info->peer;
+	peer = peer_cookie && peer_cookie != PEER_CONFLICT ? bpf_map_lookup_elem(&sock_info, &peer_cookie) : NULL;
+	if (!peer || peer->peer != cookie)
+		return pass(cnt, info, &cnt->passed_no_peer, size);
 	if (sends_stopped())
-		return pass(cnt, peer, &cnt->passed_detaching, size);
+		return pass(cnt, info, &cnt->passed_detaching, size);
 	if (peer->state != STATE_JOINED)
-		return pass(cnt, peer, &cnt->passed_no_peer, size);
-	/* The peer's entry holds no reference on its socket, and may outlive it by up to a round
-	 * (the sweep drops entries of closed sockets). Following psk is still safe: every read
-	 * through it is a probe read (BPF_CORE_READ, or a load through bpf_rdonly_cast, which the
-	 * JIT guards), which cannot fault, and the redirect goes through the sockhash, which holds a reference on each socket in it and drops a closed
-	 * one before it is freed. A socket joins the sockhash only through an entry of its own,
-	 * made for it, so a stale entry means that no socket holds peer_key there: a check may
-	 * read garbage, and the redirect then fails and the message goes the TCP way. */
+		return pass(cnt, info, &cnt->passed_no_peer, size);
+	/* The peer's entry holds no reference on its socket, and may outlive it until its close is
+	 * seen. Following psk is still safe: every read through it is a probe read (BPF_CORE_READ,
+	 * or a load through bpf_rdonly_cast, which the JIT guards), which cannot fault, and the
+	 * redirect goes through the sockhash under the peer's cookie, which no other socket ever
+	 * has: the sockhash holds a reference on each socket in it and drops a closed one before it
+	 * is freed. A check may read garbage from a stale entry; the redirect then fails and the
+	 * message goes the TCP way. */
 	psk = (struct sock *)peer->sk;
 
 	/* Nothing goes into a socket before its owner has read it: a first read by splice would
-	 * never see it. The splice tracepoint marks the socket before that read, so "has read"
-	 * is looked at before "spliced". */
-	if (!peer->reader) {
+	 * never see it. The splice watch marks the socket before that read, so "has read" is
+	 * looked at before "spliced". */
+	if (!info->peer_reads) {
 		if (!has_read(psk, direct))
-			return pass(cnt, peer, &cnt->passed_not_reading, size);
-		peer->reader = 1;
+			return pass(cnt, info, &cnt->passed_not_reading, size);
+		info->peer_reads = 1;
 	}
 	asm volatile("" ::: "memory");
 	/* The agent takes a peer that turned blocking out within a round; spliced and SO_RCVLOWAT
 	 * peers must get nothing more from now on (splice never sees it; poll would report it). */
 	if (peer->spliced || PEER_READ(direct, struct sock, psk, sk_rcvlowat) > 1)
-		return pass(cnt, peer, &cnt->passed_peer_unsafe, size);
+		return pass(cnt, info, &cnt->passed_peer_unsafe, size);
 
 	/* After shutdown(SHUT_WR) TCP fails the send with EPIPE, and the kernel's redirect would
 	 * deliver it (past the end of the stream once the peer has read the FIN). */
 	if (self->inet_conn.icsk_inet.sk.sk_shutdown & SEND_SHUTDOWN)
-		return pass(cnt, peer, &cnt->passed_shut_down, size);
-	if (!peer->ordered) {
+		return pass(cnt, info, &cnt->passed_shut_down, size);
+	if (!info->peer_ordered) {
 		if (self->write_seq != PEER_READ(direct, struct tcp_sock, psk, copied_seq))
-			return pass(cnt, peer, &cnt->passed_unread_plain, size);
-		peer->ordered = 1;
+			return pass(cnt, info, &cnt->passed_unread_plain, size);
+		info->peer_ordered = 1;
 	}
 
-	if (size > peer->queue_budget) {
+	if (size > info->queue_budget) {
 		rmem = PEER_READ(direct, struct sock, psk, sk_backlog.rmem_alloc.counter);
-		if (rmem + size > peer->queue_limit &&
-		    !queue_grows(peer, psk, &self->inet_conn.icsk_inet.sk, rmem, size))
-			return pass(cnt, peer, &cnt->passed_peer_full, size);
-		peer->queue_budget = peer->queue_limit - rmem; /* at least size: checked above */
+		if (rmem + size > info->queue_limit &&
+		    !queue_grows(info, psk, &self->inet_conn.icsk_inet.sk, rmem, size))
+			return pass(cnt, info, &cnt->passed_peer_full, size);
+		info->queue_budget = info->queue_limit - rmem; /* at least size: checked above */
 	}
 
 	/* On failure the helper leaves no redirect set, so SK_PASS sends the TCP way: never drop. */
-	if (bpf_msg_redirect_hash(msg, &sock_map, &peer->cookie, BPF_F_INGRESS) != SK_PASS)
-		return pass(cnt, peer, &cnt->redirect_failed, size);
-	peer->queue_budget -= size;
-	peer->redirected_bytes += size;
+	if (bpf_msg_redirect_hash(msg, &sock_map, &peer_cookie, BPF_F_INGRESS) != SK_PASS)
+		return pass(cnt, info, &cnt->redirect_failed, size);
+	info->queue_budget -= size;
+	info->redirected_bytes += size;
 	cnt->redirected_msgs++;
 	cnt->redirected_bytes += size;
 	return SK_PASS;

@@ -3,12 +3,11 @@
 #ifndef BYPASS_H
 #define BYPASS_H
 
-/* One end of a TCP connection, seen from that end. IPv4 (and IPv4-mapped IPv6) addresses are
- * family AF_INET in ip[0]; ports are in host byte order; unused bytes are zero. A loopback
- * connection is named within its network namespace (netns: the inode number of
- * /proc/PID/ns/net), since every namespace has its own 127.0.0.1; any other address pair names
- * one connection on the host (netns 0), so that two ends in two namespaces (pods joined by a
- * veth pair) find each other. */
+/* One end of a TCP connection, seen from that end, in its network namespace (netns: the inode
+ * number of /proc/PID/ns/net). IPv4 (and IPv4-mapped IPv6) addresses are family AF_INET in
+ * ip[0]; ports are in host byte order; unused bytes are zero. Within one namespace a tuple names
+ * one live connection end; across namespaces it names nothing: any user can make a namespace
+ * (unshare -Urn) and build a pair with another connection's exact tuple there. */
 struct sock_key {
 	__u32 family;
 	__u32 netns;
@@ -53,33 +52,70 @@ enum plain_reason {
 	REASON_DETACH = 6,        /* the bypass is being detached */
 	REASON_INSERT_FAILED = 7, /* the sockhash refused it (full, or another bypass has it) */
 	REASON_PEER_WAITING = 8,  /* it qualifies (READY); its peer does not yet */
-	REASON_MAX = 9,
+	REASON_CONFLICT = 9,      /* two sockets claimed to be its peer: it trusts neither */
+	REASON_MAX = 10,
 };
 
-/* Per-socket state beside the sockhash, made by whatever meets the socket first (the tc
- * program, the sweep, the splice tracepoint). `sk` lets a sender read its peer's receive-side
- * fields (a sockhash lookup cannot be used from sk_msg). The entry holds no reference on the
- * socket: see bypass_sk_msg for why following it is safe. The enums' names reach Python through
- * the object's BTF. */
+/* How a socket's peer was proven: never by addresses alone (bypass.bpf.c, "the proof").
+ * PEER_CONFLICT in sock_info.peer: two sockets claimed to be its peer. */
+#define PEER_CONFLICT (~0ULL)
+
+/* Entries a full map refused, by map: each costs a chance to join, never a byte. */
+struct map_full {
+	__u64 sock_info;
+	__u64 sock_tuples;
+	__u64 handshakes;
+	__u64 listeners;
+	__u64 spliced_services;
+	__u64 netns_seen;
+};
+
+/* Per-socket state beside the sockhash, keyed by the socket's cookie (never reused, so no other
+ * socket can take over an entry), made by whatever meets the socket first. `sk` lets its peer's
+ * sender read the receive-side fields (a sockhash lookup cannot be used from sk_msg); the entry
+ * holds no reference on the socket: see bypass_sk_msg for why following it is safe. The fields
+ * below "its own sends" are written only by this socket's sk_msg, under this socket's lock: what
+ * a sender trusts about its peer is read from the peer's socket, never written by another
+ * socket's programs. The enums' names reach Python through the object's BTF. */
 struct sock_info {
 	__u64 sk;
-	__u64 cookie;            /* its socket cookie, its key in the sockhash: set by the one program that inserts it */
+	__u64 cookie;            /* its socket cookie: its key here and in the sockhash */
+	__u64 peer;              /* its proven peer's cookie, recorded once (0: none yet; PEER_CONFLICT) */
+	__u64 nonce;             /* the handshake nonce it sends (0: none) */
+	__u64 handshake;         /* its connection's entry in handshakes (the active end's nonce), 0: none */
+	__u64 inserting;         /* set by the one program that inserts it into the sockhash */
 	__u64 since_ns;          /* when state last changed */
-	__u64 redirected_bytes;  /* redirected into this socket */
 	__u64 seen_round;        /* the last agent round that saw the socket; the agent drops older */
 	__u64 first_round;       /* the round that found it */
 	__u64 inode;             /* its socket inode ("socket:[N]" in /proc/PID/fd): status finds the owner */
-	__u64 consumed_mark;     /* redirected bytes it had read when queue_limit last grew */
 	__u64 reasons_seen;      /* bit per reason this socket was kept plain for (counted once) */
-	__u32 queue_limit;       /* bytes it may have queued before sends to it take TCP (0: not set yet) */
-	__u32 queue_budget;      /* bytes its peer may still redirect into it before reading its queue again */
+	/* its own sends */
+	__u64 redirected_bytes;  /* redirected from it into its peer */
+	__u64 consumed_mark;     /* bytes its peer had read of those when queue_limit last grew */
+	__u32 queue_limit;       /* bytes its peer may have queued before its sends take TCP (0: not set yet) */
+	__u32 queue_budget;      /* bytes it may still redirect before reading its peer's queue again */
+	__u8 peer_reads;         /* its peer's owner has read (not by splice): redirects may go in */
+	__u8 peer_ordered;       /* its peer has read all it sent the TCP way, and it sent none since */
+	__u8 nonce_segments;     /* segments that carried its nonce (the active end's) */
+	/* the socket itself */
+	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
+	__u16 service_port;      /* the server end's port: a spliced service stays plain */
+	__u8 indexed;            /* the sweep put its tuple in sock_tuples */
+	__u8 _pad;
 	enum sock_state state;
 	enum plain_reason reason;
-	__u32 netns;             /* its network namespace (inode number), whatever its key says */
-	__u16 service_port;      /* the server end's port: a spliced service stays plain */
-	__u8 spliced;            /* its owner spliced from it or sendfile()d from it */
-	__u8 reader;             /* its owner has read from it, not by splice: redirects may go in */
-	__u8 ordered;            /* it has read all its peer sent the TCP way, and the peer sent none since */
+	struct sock_key key;     /* its tuple, in its namespace */
+};
+
+/* A connection between network namespaces (or through address translation) is proven by two
+ * nonces in a TCP option: the active end sends one on its first segments after the handshake,
+ * the passive end finds it on the segment that completes its own handshake and answers with one
+ * of its own, which the active end must receive in turn. Keyed by the active end's nonce. */
+struct handshake {
+	__u64 active;         /* cookie of the end that sent it */
+	__u64 passive;        /* cookie of the first end that received it */
+	__u64 passive_nonce;  /* what that end answers with */
+	__u64 claims;         /* how many ends received it: more than one, and none is trusted */
 };
 
 enum bypass_scope {
@@ -128,7 +164,9 @@ struct bypass_counters {
 	__u64 passed_detaching;     /* detach in progress */
 	__u64 passed_shut_down;     /* the sender shut its sending side down: TCP's EPIPE */
 	__u64 redirect_failed;      /* peer left the map between the check and the redirect */
-	__u64 map_update_failed;    /* listeners, netns_seen or spliced_services full: a note lost */
+	__u64 paired_by_handshake;  /* pairs proven by their handshake's nonce */
+	__u64 conflicts;            /* a socket claimed by a second peer: neither is trusted */
+	struct map_full map_full;
 };
 
 #endif

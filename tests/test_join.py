@@ -12,13 +12,14 @@ import time
 
 import pytest
 
-from netbpf import mechanisms, netns
+from netbpf import mechanisms
 from netbpf.bypass import SEND, SWEEP
 
 from bypassutil import attached, joined, rounds
 from clitools import bpf_loaded, run_cli
 from conftest import run_in, sync, wait_for
 from netutil import PATTERN, close_all, pair, recv_exactly
+from pods import Pods
 
 REFUSED = mechanisms.forced_refusals()
 
@@ -236,43 +237,6 @@ def test_the_tc_program_knows_the_cgroups_ports_and_forgets_closed_ones(bypass, 
 
 # --- two network namespaces joined by a veth pair: pods on one node ---
 
-class Pods:
-    """Two network namespaces joined by a veth pair, 10.231.0.1 in one, 10.231.0.2 in the other;
-    removed afterwards."""
-
-    def __init__(self):
-        tag = f"nb{os.getpid() % 100000}"
-        self.names = (f"{tag}a", f"{tag}b")
-        self.addresses = ("10.231.0.1", "10.231.0.2")
-
-    def __enter__(self):
-        try:
-            for name in self.names:
-                ip("netns", "add", name)
-            ip("link", "add", f"{self.names[0]}v", "type", "veth", "peer", "name", f"{self.names[1]}v")
-            for name, address in zip(self.names, self.addresses):
-                ip("link", "set", f"{name}v", "netns", name)
-                ip("-n", name, "addr", "add", f"{address}/24", "dev", f"{name}v")
-                ip("-n", name, "link", "set", f"{name}v", "up")
-                ip("-n", name, "link", "set", "lo", "up")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for name in self.names:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-    def enter(self, index):
-        """This process (a forked child, one thread) into namespace `index`."""
-        netns.enter(f"/run/netns/{self.names[index]}")
-
-
-def ip(*args):
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 def across_namespaces(pods, total):
     """The server in the first namespace, the client in the second (a process each, both in the
     test's cgroup); the client streams `total` bytes and the server echoes a digest-sized reply.
@@ -328,6 +292,7 @@ def test_a_connection_between_two_network_namespaces_is_redirected_intact(cg):
         assert run_in(cg, across_namespaces, pods, total, on_sync=joined(bypass)) is True
         stats = bypass.stats()
     assert stats["sockets_inserted"] == 2 and stats["inserted_by_event"] == 0
+    assert stats["paired_by_handshake"] == 1 and stats["conflicts"] == 0, stats  # the nonce proved the pair
     # a writer faster than its reader fills the reader's queue limit, and then takes TCP until
     # the reader has caught up (the order of the bytes): at least that limit went the short way
     assert stats["redirected_bytes"] >= 1 << 20, repr(stats)

@@ -3,6 +3,7 @@
 programs, the agent thread), and the status of one attached with pins."""
 
 import json
+import os
 import socket
 import threading
 
@@ -13,7 +14,8 @@ from ..types import AttachType
 from .addresses import refresh_host_addrs
 from .agent import agent_running, pinned_mechanisms, pinned_sweep, stop_agent
 from .constants import (CHOICES, DEFAULT_PIN_DIR, DEFAULT_QUEUE_FLOOR, DRAIN_TIMEOUT, EVENT_JOIN, MAPS,
-                        MECHANISMS_PIN, NAME, SCOPES, SEND, SPLICE_TRACEPOINTS, SPLICE_WATCH, SWEEP)
+                        MECHANISMS_PIN, NAME, SCOPES, SEND, SOCKET_MAPS, SPLICE_TRACEPOINTS, SPLICE_WATCH,
+                        SWEEP)
 from .join import Round, Sweep, agent_step, drain, run_paced
 from .report import connections, join_lines, stats
 
@@ -56,9 +58,11 @@ class Bypass(Attachment):
         self._round_lock = threading.Lock()  # one round at a time: tick() may also be called directly
 
     def _prepare(self, obj):
-        for name in ("sock_map", "sock_info"):
+        for name in SOCKET_MAPS:
             obj.maps[name].max_entries = self.max_sockets
         settings = obj.rodata
+        # the handshake nonces' key: nobody without it can forge a nonce (bpf/bypass.bpf.c)
+        settings.nonce_key = [int.from_bytes(os.urandom(8), "little") for _ in range(2)]
         settings.cgroup_id = cgroup.cgroup_id(self.cgroup)
         settings.scope = SCOPES[self.scope]
         settings.ports_only = int(bool(self.ports))

@@ -11,8 +11,9 @@ NAME = "bypass"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/netbpf/bypass"
 SCOPES = {"loopback": 0, "host": 1, "all": 2}
 DEFAULT_QUEUE_FLOOR = 1 << 20
-MAPS = ("sock_map", "sock_info", "listeners", "spliced_services", "netns_seen", "event_netns", "counters",
-        ".rodata", "control", "host_addrs", "allowed_ports")
+MAPS = ("sock_map", "sock_info", "sock_tuples", "handshakes", "listeners", "spliced_services", "netns_seen",
+        "event_netns", "counters", ".rodata", "control", "host_addrs", "allowed_ports")
+SOCKET_MAPS = ("sock_map", "sock_info", "sock_tuples", "handshakes")  # one entry per socket: --max-sockets
 JOIN_INTERVAL = 0.02       # seconds between rounds of the sweep, at least
 SLOW_INTERVAL = 1.0        # between rounds while nothing new happens but sockets wait or are joined
 AGENT_CPU_SHARE = 0.05     # and at most this share of one CPU: a round visits every TCP socket

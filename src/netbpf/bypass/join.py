@@ -54,9 +54,10 @@ class Sweep:
 
 def join_pass(sweep, maps):
     """One round of the agent: the sweep, then forget the sockets it did not see where it
-    looked: they are closed. One still in the sockhash is not (the kernel takes a socket out as
-    it closes): its file is in no process's table for now (in flight in an SCM_RIGHTS message,
-    or held by io_uring alone), and a new entry would insert it again, which the kernel refuses.
+    looked: they are closed (sockops forgets the connections it saw established as they close;
+    these are older ones). One still in the sockhash is not (the kernel takes a socket out as it
+    closes): its file is in no process's table for now (in flight in an SCM_RIGHTS message, or
+    held by io_uring alone), and a new entry would insert it again, which the kernel refuses.
     A pair joins as the sweep meets its second end (the first one waits READY), so when a round
     leaves such sockets READY the sweep runs once more. Returns a Round: what run_paced() needs
     to decide when the next one is due."""
@@ -68,16 +69,17 @@ def join_pass(sweep, maps):
         tracked_netns = set(maps["netns_seen"]) | (walked or set())
         event = set(maps["event_netns"])
         result, ready = Round(), 0
-        in_map = set(maps["sock_map"])
-        for key, info in maps["sock_info"].items():
-            looked = walked is None or info.netns in walked or info.netns not in tracked_netns
-            if info.seen_round < this_round and looked and info.cookie not in in_map:
-                maps["sock_info"].pop(key, None)
+        for cookie, info in maps["sock_info"].items():
+            netns = info.key.netns
+            looked = walked is None or netns in walked or netns not in tracked_netns
+            # each looked up: a walk of the sockhash may miss a key while others come and go
+            if info.seen_round < this_round and looked and cookie not in maps["sock_map"]:
+                forget(maps, cookie, info)
                 continue
             if info.state == State.LEFT:
                 continue
             result.tracked += 1
-            if info.netns in event:
+            if netns in event:
                 continue  # the tc program joins these at their next segment
             result.found += info.first_round == this_round
             result.survivors += info.first_round == this_round - 1
@@ -90,6 +92,17 @@ def join_pass(sweep, maps):
         if seen < this_round:  # the sweep stamps the listeners it finds open
             maps["listeners"].pop(port, None)
     return result
+
+
+def forget(maps, cookie, info):
+    """Drop a closed socket's entry, its tuple's place in the index and the nonce it sent (what
+    sockops does as a connection it saw established closes)."""
+    maps["sock_info"].pop(cookie, None)
+    if maps["sock_tuples"].get(info.key) == cookie:
+        maps["sock_tuples"].pop(info.key, None)
+    handshake = maps["handshakes"].get(info.handshake) if info.handshake else None
+    if handshake is not None and handshake.active == cookie:
+        maps["handshakes"].pop(info.handshake, None)
 
 
 class Round:

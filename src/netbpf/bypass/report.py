@@ -29,19 +29,23 @@ def socket_owners(inodes):
 
 def connections(maps):
     """The sockets in the map: tuple, network namespace, state, whether their owner reads them
-    (redirects go in), bytes redirected into them, and a process that has the socket open (None
-    when no process of this host's /proc holds it)."""
+    (redirects go in), bytes their peer redirected into them, and a process that has the socket
+    open (None when no process of this host's /proc holds it)."""
     State = kinds.State
-    members = [(key, info) for key, info in maps["sock_info"].items() if info.state in (State.JOINED, State.LEAVING)]
-    owners = socket_owners(info.inode for _, info in members)
+    entries = dict(maps["sock_info"].items())
+    members = [info for info in entries.values() if info.state in (State.JOINED, State.LEAVING)]
+    owners = socket_owners(info.inode for info in members)
     found = []
-    for key, info in members:
-        pid, comm = owners.get(info.inode, (None, None))
+    for info in members:
+        key, pid, comm = info.key, *owners.get(info.inode, (None, None))
+        peer = entries.get(info.peer)
+        sender = peer if peer is not None and peer.peer == info.cookie else None  # what it gets comes from there
         found.append({"local": f"{ip_text(key.family, key.local_ip)}:{key.local_port}",
                       "remote": f"{ip_text(key.family, key.remote_ip)}:{key.remote_port}",
-                      "netns": info.netns, "state": State(info.state).name.lower(),
+                      "netns": key.netns, "state": State(info.state).name.lower(),
                       "reason": kinds.Reason(info.reason).name.lower(),
-                      "reading": bool(info.reader), "redirected_bytes": info.redirected_bytes,
+                      "reading": bool(sender and sender.peer_reads),
+                      "redirected_bytes": sender.redirected_bytes if sender else 0,
                       "pid": pid, "comm": comm})
     return sorted(found, key=lambda c: (c["local"], c["remote"]))
 
@@ -56,6 +60,7 @@ def stats(maps):
     counters = maps["counters"].sum(0)._asdict()
     counters["plain_by_reason"] = _by_reason(counters["plain_by_reason"])
     counters["left_by_reason"] = _by_reason(counters["left_by_reason"])
+    counters["map_full"] = counters["map_full"]._asdict()  # struct map_full: entries refused, by map
     counters["sockets"] = len(maps["sock_map"])
     State, waiting = kinds.State, [0] * len(kinds.reasons)
     for _, info in maps["sock_info"].items():
@@ -95,9 +100,15 @@ def metric_families(stats):
                          every_reason(stats["plain_by_reason"])),
         metrics.counter("netbpf_bypass_insert_failures_total", "Sockets the sockhash refused",
                         stats["insert_failed"]),
-        metrics.counter("netbpf_bypass_note_failures_total",
-                        "Updates of a small map (listeners, namespaces, spliced services) refused: it was full",
-                        stats["map_update_failed"]),
+        metrics.by_label(metrics.COUNTER, "netbpf_bypass_map_full_total",
+                         "Entries a full map refused, by map (each costs a chance to join, never a byte)", "map",
+                         stats["map_full"]),
+        metrics.counter("netbpf_bypass_conflicts_total",
+                        "Sockets claimed by a second peer (neither trusted: both stay on plain TCP)",
+                        stats["conflicts"]),
+        metrics.counter("netbpf_bypass_paired_by_handshake_total",
+                        "Pairs proven by their handshake's nonce (between network namespaces)",
+                        stats["paired_by_handshake"]),
         metrics.counter("netbpf_bypass_spliced_sockets_total", "Sockets read with splice or sendfile (kept plain)",
                         stats["spliced"]),
         metrics.counter("netbpf_bypass_redirected_messages_total", "Messages redirected into the peer socket",
@@ -153,6 +164,10 @@ def show_status(info):
     print(f"  sockets in the map {info['sockets']}; kept plain now: {_reasons_text(info['plain_now'])}")
     print(f"  ever kept plain (sockets, by reason): {_reasons_text(info['plain_by_reason'])}; "
           f"left the map: {_reasons_text(info['left_by_reason'])}")
+    full = ", ".join(f"{name} {n}" for name, n in info["map_full"].items() if n)
+    if info["conflicts"] or full:
+        print(f"  conflicts (a socket claimed by two peers, trusted by neither): {info['conflicts']}; "
+              f"entries refused by full maps: {full or 'none'}")
     print(f"  redirected {info['redirected_msgs']} messages ({info['redirected_bytes']} bytes); "
           f"passed {info['passed_msgs']} ({info['passed_no_peer']} no peer, "
           f"{info['passed_not_reading']} peer not reading yet, "
