@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 /* pingpong: request/response latency and one-way throughput between two local processes.
  *
- *   pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short|lived] [-e] [-n REQUESTS] [-s SIZE]
- *            [-c CONNECTIONS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS] [-i GAP_US]
+ *   pingpong [-t tcp|tcp6|unix] [-a ADDRESS] [-m rtt|stream|short|lived] [-e] [-n REQUESTS]
+ *            [-s SIZE] [-c CONNECTIONS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS]
+ *            [-i GAP_US]
  *
  * The server runs in a forked child (one process per connection), so both ends live in the
  * caller's cgroup. TCP sockets set TCP_NODELAY; every read and write loops over short transfers.
@@ -15,6 +16,7 @@
  * microseconds (default 1000) meanwhile; counts the requests.
  * -e: event-driven, as redis, nginx or asyncio are: non-blocking sockets, and every read or write
  * that would block waits in epoll_wait(). Without it, blocking reads and writes.
+ * -a: the local address both ends use (default the loopback address of the family).
  * Prints one JSON object on stdout.
  */
 #define _GNU_SOURCE
@@ -41,6 +43,7 @@
 
 struct options {
 	const char *transport; /* tcp, tcp6, unix */
+	const char *address;   /* NULL: loopback */
 	const char *mode;      /* rtt, stream, short, lived */
 	const char *placement; /* same, cross, any */
 	long requests, warmup, size, settle_ms;
@@ -168,6 +171,12 @@ static int read_all(int fd, char *buf, long len)
 	return 1;
 }
 
+static void bad_address(const char *address, const char *family)
+{
+	fprintf(stderr, "pingpong: -a %s is not an %s address\n", address, family);
+	exit(2);
+}
+
 struct endpoint {
 	int family;
 	socklen_t len;
@@ -193,11 +202,15 @@ static int listen_on(const struct options *o, struct endpoint *ep)
 		ep->family = AF_INET6;
 		ep->addr.in6.sin6_family = AF_INET6;
 		ep->addr.in6.sin6_addr = in6addr_loopback;
+		if (o->address && inet_pton(AF_INET6, o->address, &ep->addr.in6.sin6_addr) != 1)
+			bad_address(o->address, "IPv6");
 		ep->len = sizeof(ep->addr.in6);
 	} else {
 		ep->family = AF_INET;
 		ep->addr.in.sin_family = AF_INET;
 		ep->addr.in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		if (o->address && inet_pton(AF_INET, o->address, &ep->addr.in.sin_addr) != 1)
+			bad_address(o->address, "IPv4");
 		ep->len = sizeof(ep->addr.in);
 	}
 	fd = socket(ep->family, SOCK_STREAM, 0);
@@ -373,20 +386,21 @@ static int one_by_one(const struct options *o)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-m rtt|stream|short|lived] [-e] [-n N] [-s SIZE] "
+	fprintf(stderr, "usage: pingpong [-t tcp|tcp6|unix] [-a ADDR] [-m rtt|stream|short|lived] [-e] [-n N] [-s SIZE] "
 			"[-c CONNS] [-p same|cross|any] [-w WARMUP] [-j SETTLE_MS] [-d SECONDS] [-i GAP_US]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct options o = { "tcp", "rtt", "any", 100000, -1, 1024, 100, 1, 3.0, 0, 1000 };
+	struct options o = { "tcp", NULL, "rtt", "any", 100000, -1, 1024, 100, 1, 3.0, 0, 1000 };
 	struct endpoint ep;
 	int opt, lfd, status, failed = 0;
 
-	while ((opt = getopt(argc, argv, "t:m:n:s:c:p:w:j:d:i:e")) != -1) {
+	while ((opt = getopt(argc, argv, "t:a:m:n:s:c:p:w:j:d:i:e")) != -1) {
 		switch (opt) {
 		case 't': o.transport = optarg; break;
+		case 'a': o.address = optarg; break;
 		case 'm': o.mode = optarg; break;
 		case 'n': o.requests = atol(optarg); break;
 		case 's': o.size = atol(optarg); break;
