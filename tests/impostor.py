@@ -6,7 +6,9 @@ lo, and TCP pairs there with the victim's exact tuple. Used by tests/test_isolat
 import ctypes
 import os
 import socket
+import struct
 import subprocess
+import sys
 import time
 
 from netutil import close_all
@@ -110,3 +112,63 @@ def impostor(addresses, server, client, until, report_fd, ready_fd=None, long_li
             os.write(ready_fd, b"x")  # no pair came up: the victim must not wait for one
         os.write(report_fd, f"{foreign} {pairs}\n".encode())
         os._exit(0)
+
+
+# --- a replayed handshake nonce: what a process that read a connection's segments could do ---
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _segment(src, dst, sport, dport, seq, ack, flags, options=b""):
+    """An IPv4 packet holding one TCP segment, checksums filled in."""
+    offset = (20 + len(options)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, offset << 4, flags, 65535, 0, 0) + options
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:] + tcp
+
+
+SYN, ACK = 0x02, 0x10
+
+
+def replay_nonce(server, client, nonce):
+    """In a network namespace of its own (become_unprivileged_netns_owner first), complete a
+    handshake to a listener on `server` from the spoofed `client` address and port, whose last
+    segment carries `nonce` in the bypass's option, as a copy of the victim's own segment would:
+    its client address is routed out of one end of a veth pair (no socket there to answer the
+    listener), the listener's SYN-ACK read at the other end. Returns the connection accepted
+    there."""
+    for command in (["link", "add", "nbd0", "type", "veth", "peer", "name", "nbd1"],
+                    ["link", "set", "nbd0", "arp", "off", "up"], ["link", "set", "nbd1", "up"],
+                    ["route", "add", f"{client[0]}/32", "dev", "nbd0"]):
+        subprocess.run(["ip", *command], check=True, capture_output=True)
+    listener = socket.socket()
+    listener.bind(server)
+    listener.listen(8)
+    tap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+    tap.bind(("nbd1", 0x0800))  # what leaves through nbd0 comes in at its peer
+    tap.settimeout(5)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    seq = 1000
+    raw.sendto(_segment(client[0], server[0], client[1], server[1], seq, 0, SYN), (server[0], 0))
+    while True:
+        packet = tap.recv(2048)
+        header = (packet[0] & 0xF) * 4
+        sport, dport, their_seq, _, _, flags = struct.unpack("!HHIIBB", packet[header:header + 14])
+        if sport == server[1] and dport == client[1] and flags & (SYN | ACK) == SYN | ACK:
+            break
+    option = bytes([254, 12, ord("N"), ord("B")]) + nonce.to_bytes(8, sys.byteorder)
+    raw.sendto(_segment(client[0], server[0], client[1], server[1], seq + 1, their_seq + 1, ACK, option),
+               (server[0], 0))
+    listener.settimeout(5)
+    conn, _ = listener.accept()
+    close_all(tap, raw, listener)
+    return conn

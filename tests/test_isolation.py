@@ -18,8 +18,8 @@ from netbpf import netns
 
 from bypassutil import attached
 from conftest import run_in, sync, wait_for
-from impostor import impostor
-from netutil import close_all, recv_exactly
+from impostor import become_unprivileged_netns_owner, impostor, replay_nonce
+from netutil import PATTERN, close_all, recv_exactly
 from pods import Pods
 
 STREAM_SECONDS = 3.0
@@ -168,3 +168,83 @@ def test_an_impostor_of_a_connection_between_pods_gets_nothing(cg, impostor_firs
         stats = attack(cg, "all", impostor_first, pods.addresses[0], pods.addresses[1],
                        {pods.inode(0), pods.inode(1)}, pods.path(0), pods.path(1))
     assert stats["paired_by_handshake"] >= 1, stats
+
+
+def pods_pair_then_a_replay(bypass, pods):
+    """Between the pods: a client connects to a server that has not accepted yet (so the pair
+    cannot join), a process of the cgroup replays the connection's nonce into a listener of its
+    own namespace (sync: the parent looks at the counters), then the server accepts and the two
+    trade 200 KiB; whether every byte came back intact."""
+    port_r, port_w = os.pipe()
+    go_r, go_w = os.pipe()
+    server = os.fork()
+    if server == 0:
+        status = 1
+        try:
+            pods.enter(0)
+            srv = socket.socket()
+            srv.bind((pods.addresses[0], 0))
+            srv.listen(8)
+            os.write(port_w, srv.getsockname()[1].to_bytes(2, "big"))
+            os.read(go_r, 1)
+            conn, _ = srv.accept()
+            conn.settimeout(10)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            close_all(conn, srv)
+            status = 0
+        finally:
+            os._exit(status)
+    try:
+        pods.enter(1)
+        address = (pods.addresses[0], int.from_bytes(os.read(port_r, 2), "big"))
+        cli = socket.create_connection(address, timeout=10)
+        handshakes = bypass.obj.maps["handshakes"]
+        assert wait_for(lambda: any(h.claims == 1 for h in handshakes.values()), 10), "no nonce was claimed"
+        nonce = next(key for key, h in handshakes.items() if h.claims == 1)
+        replayer = os.fork()
+        if replayer == 0:
+            status = 1
+            try:
+                become_unprivileged_netns_owner([address[0]])
+                replay_nonce(address, cli.getsockname(), nonce).close()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(replayer, 0)
+        assert status == 0, "the replay did not complete its handshake"
+        sync()
+        os.write(go_w, b"g")
+        intact = all(echoed(cli, PATTERN[i * 1024:(i + 1) * 1024]) for i in range(200))
+        sync()
+        cli.close()
+    except BaseException:
+        os.kill(server, 9)  # it waits for a go that will not come, holding run_in's pipe
+        raise
+    finally:
+        os.waitpid(server, 0)
+    return intact
+
+
+def echoed(sock, message):
+    sock.sendall(message)
+    return recv_exactly(sock, len(message)) == message
+
+
+def test_a_replayed_nonce_proves_nothing_and_is_counted(cg):
+    """A process of the cgroup that has read a connection's segments (as CAP_NET_RAW in one of
+    its namespaces allows) replays the active end's nonce into a listener of its own namespace:
+    the nonce now has two claimants, so neither they nor the active end join (a conflict,
+    counted and shown), and the connection goes on, plain, every byte intact."""
+    seen = {}
+    with Pods() as pods, attached(cg, scope="all", allow_blocking_readers=False) as bypass:
+        def counted():
+            assert wait_for(lambda: bypass.stats()["conflicts"] >= 1, 5), bypass.stats()
+
+        def look():
+            seen.update(bypass.stats())
+
+        assert run_in(cg, pods_pair_then_a_replay, bypass, pods, on_sync=Steps(counted, look)) is True
+    assert seen["conflicts"] >= 1 and seen["paired_by_handshake"] == 0, seen
+    assert seen["sockets_inserted"] == 0 and seen["redirected_msgs"] == 0, seen
+    assert seen["plain_by_reason"].get("conflict", 0) >= 1 or seen["plain_now"].get("conflict", 0) >= 1, seen
